@@ -322,7 +322,10 @@ def train_seed(cfg, dataset, seed: int, seed_dir, device, resume=True, progress=
 def load_for_config(cfg, path=None):
     "The data set of `cfg` (or `path`), tokenised with `cfg.text_model`'s tokenizer."
     from thne_nb.encoding import load_tokenizer
-    return load_dataset(path if path is not None else cfg.data, tokenizer=load_tokenizer(cfg.text_model),
+    path = path if path is not None else cfg.data
+    # A mistyped data path should be reported before any time is spent looking for the text model.
+    if path not in (None, 'default') and not Path(path).exists(): raise ThneError(f"{path}: no such file or directory")
+    return load_dataset(path, tokenizer=load_tokenizer(cfg.text_model),
                         max_text_len=cfg.max_text_len)
 
 def summarise(per_seed: dict) -> tuple:
