@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from .data import ThneError
+from .train import read_history
 
 # %% auto #0
 __all__ = ['TABLE_METRICS', 'PAPER_SOURCES', 'REPORTED_TABLE3', 'REPORTED_TABLE4_MOSEI', 'CASE_RULES', 'NOISE_WORDS', 'Run',
@@ -53,11 +54,9 @@ class Run:
 
     def history(self) -> pd.DataFrame:
         "The loss history: columns seed, epoch, step, phase, then one column per loss term."
-        path = self.path/'history.csv'
-        if not path.is_file(): raise ThneError(f"{path}: missing (the run wrote no loss history)")
-        frame = pd.read_csv(path)
+        frame = read_history(self.path)
         missing = {'seed', 'epoch', 'step', 'phase'} - set(frame.columns)
-        if missing: raise ThneError(f"{path}: missing columns {sorted(missing)}")
+        if missing: raise ThneError(f"{self.path/'history.csv'}: missing columns {sorted(missing)}")
         return frame
 
     def loss_names(self) -> list[str]:

@@ -368,10 +368,6 @@ def read_history(run_dir) -> pd.DataFrame:
     return pd.read_csv(path)
 
 # %% ../nbs/07_training.ipynb #73689c15
-def _config_from_dict(d: dict):
-    "Rebuild a saved config; `Config.from_dict` picks the subclass of a baseline's config."
-    return Config.from_dict(d)
-
 def _has_config(name):
     try: get_config(name); return True
     except (ThneError, KeyError): return False
@@ -382,7 +378,8 @@ def read_run(run_dir):
     config_path, metrics_path = run_dir / 'config.json', run_dir / 'metrics.json'
     for path in (config_path, metrics_path):
         if not path.exists(): raise ThneError(f'{path}: no such file (not a training run directory?)')
-    try: return _config_from_dict(json.loads(config_path.read_text())), json.loads(metrics_path.read_text())
+    # Config.from_dict picks the subclass of a baseline's config.
+    try: return Config.from_dict(json.loads(config_path.read_text())), json.loads(metrics_path.read_text())
     except json.JSONDecodeError as err: raise ThneError(f'{run_dir}: unreadable JSON ({err.msg})') from None
 
 def load_run(run_dir, seed=None):
