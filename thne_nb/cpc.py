@@ -15,11 +15,16 @@ from .mi import nce_loss, float32_similarity
 class CPC(nn.Module):
     "Contrastive predictive coding from the fusion F to a target representation h (Eq. 6-7)."
     def __init__(self, d_fusion: int, d_target: int, include_positive: bool = True, d_hidden: int | None = None,
-                 probe: bool = False):
+                 probe: bool = False, n_layers: int = 2, softmax_over: str = 'targets'):
         super().__init__()
+        if softmax_over not in ('targets', 'predictions'): raise ValueError(f"softmax_over={softmax_over!r}: 'targets' or 'predictions'")
         d_hidden = d_hidden or d_fusion
-        self.include_positive, self.probe = include_positive, probe
-        self.predictor = nn.Sequential(nn.Linear(d_fusion, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_target))
+        self.include_positive, self.probe, self.softmax_over = include_positive, probe, softmax_over
+        if n_layers == 1: self.predictor = nn.Linear(d_fusion, d_target)
+        else:
+            widths = [d_fusion] + [d_hidden] * (n_layers - 1)
+            hidden = [m for d_in, d_out in zip(widths, widths[1:]) for m in (nn.Linear(d_in, d_out), nn.Tanh())]
+            self.predictor = nn.Sequential(*hidden, nn.Linear(d_hidden, d_target))
 
     def _unit_vectors(self, F: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         if self.probe: F, h = F.detach(), h.detach()
@@ -31,9 +36,13 @@ class CPC(nn.Module):
         "(B,B) cosines cos(G(F_i), h_j); their exponentials are the scores s(F_i, h_j) of Eq. 6."
         return float32_similarity(*self._unit_vectors(F, h))
 
+    def nce(self, cosines: Tensor) -> Tensor:
+        "NCE over a `cosine_matrix`: Eq. 7 (each G(F_i) against every h_j), or official MMIM's (each h_i against every G(F_j))."
+        return nce_loss(cosines if self.softmax_over == 'targets' else cosines.T, self.include_positive)
+
     def forward(self, F: Tensor, h: Tensor) -> Tensor:
         "The NCE loss l_fm of Eq. 7, with F (B,d_fusion) as anchor and the batch's h (B,d_target) as candidates."
-        return nce_loss(self.cosine_matrix(F, h), self.include_positive)
+        return self.nce(self.cosine_matrix(F, h))
 
     def cosine(self, F: Tensor, h: Tensor) -> Tensor:
         "(B,) cos(G(F_i), h_i), in [-1, 1]: the log of the CPC score."

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..encoding import TextEncoder
 from ..cpc import CPC
 from ..data import ThneError
-from ..model import Config, MSAModel, ModelOutput, register_model, register_config
+from ..model import Config, MSAModel, ModelOutput, register_model, register_config, float32_head
 
 # %% ../../nbs/11_mcen.ipynb #0745f2c3
 @dataclass
@@ -115,9 +115,9 @@ class MCENCore(nn.Module):
         self.level_logits = nn.Parameter(torch.zeros(n_levels))
         self.fusion = nn.Linear(d, cfg.d_fusion)
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.d_fusion, d), nn.GELU(), nn.Linear(d, 1))
-        self.cpc = nn.ModuleDict({f'{m}{level}': CPC(cfg.d_fusion, d, include_positive=True)
-                                  for m in 'va' for level in range(n_levels)})
-        self.text_probe = CPC(cfg.d_fusion, d, include_positive=True, probe=True)
+        cpc = dict(include_positive=True, n_layers=cfg.cpc_layers, softmax_over=cfg.cpc_softmax_over)
+        self.cpc = nn.ModuleDict({f'{m}{level}': CPC(cfg.d_fusion, d, **cpc) for m in 'va' for level in range(n_levels)})
+        self.text_probe = CPC(cfg.d_fusion, d, probe=True, **cpc)
         self.n_levels = n_levels
 
     def forward(self, h_t: Tensor, batch: dict) -> dict:
@@ -134,7 +134,7 @@ class MCENCore(nn.Module):
         level_weights = torch.softmax(self.level_logits, dim=0)
         fusion = torch.tanh(self.fusion(torch.einsum('l,lbd->bd', level_weights, torch.stack(level_vectors))))
         return dict(text=text, enhanced=enhanced, attention=attention, fusion=fusion,
-                    prediction=self.head(fusion).squeeze(-1).float(), level_weights=level_weights)
+                    prediction=float32_head(self.head, fusion).squeeze(-1), level_weights=level_weights)
 
 # %% ../../nbs/11_mcen.ipynb #b48000b2
 class MCEN(MSAModel):

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MMIM_PRESETS', 'MMIMConfig', 'ProjectedSequenceEncoder', 'FusionNetwork', 'masked_gaussian_logdet', 'GaussianBABound',
-           'linear_cpc', 'MMIM']
+           'mmim_cpc', 'MMIM']
 
 # %% ../../nbs/10_mmim.ipynb #aa92f0e0
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..encoding import TextEncoder, SequenceEncoder
 from ..cpc import CPC
 from ..data import ThneError
-from ..model import Config, MSAModel, ModelOutput, register_model, register_config
+from ..model import Config, MSAModel, ModelOutput, register_model, register_config, float32_head
 
 # %% ../../nbs/10_mmim.ipynb #8a25dff3
 @dataclass
@@ -35,6 +35,13 @@ class MMIMConfig(Config):
     grad_clip: float = 1.0
     epochs: int = 40
     patience: int = 10
+    optimizer: str = 'adam'
+    lr_scheduler: str = 'plateau'
+    lr_patience: int = 20
+    lr_factor: float = 0.5
+    init: str = 'xavier'
+    cpc_layers: int = 1
+    cpc_softmax_over: str = 'predictions'
     lr_mi: float = 1e-3
     weight_decay_mi: float = 1e-4
     mem_size: int = 1
@@ -54,6 +61,7 @@ class MMIMConfig(Config):
 MMIM_PRESETS = {
     'mmim-mosi': MMIMConfig(dataset='mosi', text_model='bert-base-uncased'),
     'mmim-mosei': MMIMConfig(dataset='mosei', text_model='bert-base-uncased', stage_one_fraction=0.5),
+    'mmim-sims': MMIMConfig(dataset='sims', text_model='bert-base-chinese'),
     'mmim-demo': MMIMConfig(dataset='default', text_model='minilm', epochs=4, patience=2, seeds=(1111,)),
     'mmim-tiny': MMIMConfig(dataset='default', text_model='tiny', batch_size=16, epochs=1, patience=1,
                         seeds=(1111,), amp=False),
@@ -83,7 +91,7 @@ class FusionNetwork(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         fusion = torch.tanh(self.fuse(torch.tanh(self.hidden(self.dropout(x)))))
-        return fusion, self.head(fusion).squeeze(-1)
+        return fusion, float32_head(self.head, fusion).squeeze(-1)
 
 # %% ../../nbs/10_mmim.ipynb #0ae7dcde
 def masked_gaussian_logdet(samples: Tensor, mask: Tensor, eps: float = 1e-4) -> Tensor:
@@ -140,11 +148,9 @@ class GaussianBABound(nn.Module):
     def reset_memory(self): self.memory = []
 
 # %% ../../nbs/10_mmim.ipynb #e9ca3ccf
-def linear_cpc(d_fusion: int, d_target: int) -> CPC:
-    "The framework's CPC with MMIM's one-layer predictor G (official `cpc_layers=1`)."
-    cpc = CPC(d_fusion, d_target, include_positive=True)
-    cpc.predictor = nn.Linear(d_fusion, d_target)
-    return cpc
+def mmim_cpc(d_fusion: int, d_target: int, n_layers: int = 1, softmax_over: str = 'predictions') -> CPC:
+    "The framework's CPC as official MMIM builds it: `n_layers` (`cpc_layers`) layers, hidden width the target's."
+    return CPC(d_fusion, d_target, include_positive=True, d_hidden=d_target, n_layers=n_layers, softmax_over=softmax_over)
 
 # %% ../../nbs/10_mmim.ipynb #9dc1f155
 class MMIM(MSAModel):
@@ -159,11 +165,10 @@ class MMIM(MSAModel):
         self.visual_encoder = ProjectedSequenceEncoder(dims['vision'], cfg.hidden_v, d_v)
         self.acoustic_encoder = ProjectedSequenceEncoder(dims['audio'], cfg.hidden_a, d_a)
         self.fusion_network = FusionNetwork(d_t + d_a + d_v, cfg.d_fusion, cfg.dropout)
-        self.cpc = nn.ModuleDict({m: linear_cpc(cfg.d_fusion, d) for m, d in (('t', d_t), ('v', d_v), ('a', d_a))})
+        self.cpc = nn.ModuleDict({m: mmim_cpc(cfg.d_fusion, d, cfg.cpc_layers, cfg.cpc_softmax_over)
+                                  for m, d in (('t', d_t), ('v', d_v), ('a', d_a))})
         bound = lambda d_y: GaussianBABound(d_t, d_y, cfg.mem_size, cfg.entropy_eps, cfg.lld_logvar_term)
         self.mi = nn.ModuleDict({'tv': bound(d_v), 'ta': bound(d_a)})
-        for name, parameter in self.named_parameters():
-            if not name.startswith('text_encoder.') and parameter.dim() > 1: nn.init.xavier_normal_(parameter)
 
     @classmethod
     def from_config(cls, cfg: MMIMConfig, dims: dict) -> 'MMIM': return cls(cfg, dims)
