@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 # %% auto #0
 __all__ = ['LABEL_RANGES', 'SPLITS', 'ThneError', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset', 'replace_nonfinite',
            'normalise_padding', 'read_mmsa', 'read_misa_split', 'read_misa_dir', 'detect_name', 'minilm_path',
-           'get_tokenizer', 'tokenize', 'build_dataset', 'load_dataset', 'SplitDataset', 'make_loader', 'make_default',
-           'repo_root', 'plot_dataset', 'write_mmsa', 'bench_memory', 'register_cli']
+           'get_tokenizer', 'tokenize', 'build_dataset', 'load_dataset', 'check_vocabulary', 'SplitDataset',
+           'make_loader', 'make_default', 'repo_root', 'plot_dataset', 'write_mmsa', 'bench_memory', 'register_cli']
 
 # %% ../nbs/00_data.ipynb #2a3035f6
 class ThneError(Exception):
@@ -139,6 +139,8 @@ class MSADataset:
                 entry[modality] = {'dim': x.shape[-1], 'padded_len': x.shape[1], 'length': _stats(lengths),
                                    **s.cleaning.get(modality, {})}
             entry['labels'] = _stats(s.labels)
+            if 'emotions' in s.extras: entry['labels']['note'] = ('7 values per clip (sentiment, six emotions): '
+                                                                  'column 0 used, as the official MMIM loader')
             out['splits'][split_name] = entry
         if 'generator' in self.metadata: out['generator'] = self.metadata['generator']
         return out
@@ -274,7 +276,7 @@ def read_misa_split(records, where: str) -> dict:
     "One MISA/MMIM split (a list of records) in the common structure."
     if not isinstance(records, (list, tuple)) or not records:
         raise ThneError(f'{where}: expected a non-empty list of ((word_ids, visual, acoustic, words), label, id) records')
-    visual, acoustic, texts, labels, ids = [], [], [], [], []
+    visual, acoustic, texts, labels, ids, emotions = [], [], [], [], [], []
     dims = None
     for i, record in enumerate(records):
         if not _is_misa_record(record):
@@ -290,13 +292,18 @@ def read_misa_split(records, where: str) -> dict:
             raise ThneError(f'{where}: record {i}: feature dims visual {v.shape[1]}/acoustic {a.shape[1]} differ from '
                             f'record 0 ({dims[0]}/{dims[1]})')
         y = np.asarray(label, dtype=np.float64).reshape(-1)
-        if y.size != 1: raise ThneError(f'{where}: record {i}: label must be a single value like [[y]], got shape {np.shape(label)}')
+        # MOSEI: sentiment, then six emotions; the official MMIM loader keeps column 0, and so do we
+        emotions.append(y[1:] if y.size == 7 else np.full(6, np.nan))
+        if y.size == 7: y = y[:1]
+        if y.size != 1: raise ThneError(f"{where}: record {i}: label must be a single value like [[y]] (or MOSEI's 7: "
+                                        f"sentiment, six emotions), got shape {np.shape(label)}")
         words = [w.decode() if isinstance(w, bytes) else str(w) for w in np.asarray(words).reshape(-1)]
         visual.append(v); acoustic.append(a); texts.append(' '.join(words)); labels.append(y[0]); ids.append(str(segment))
     vision, vision_lengths = _pad_sequences(visual, dims[0], where, 'visual')
     audio, audio_lengths = _pad_sequences(acoustic, dims[1], where, 'acoustic')
     return {'text': texts, 'ids': ids, 'vision': vision, 'vision_lengths': vision_lengths, 'audio': audio,
-            'audio_lengths': audio_lengths, 'labels': np.array(labels), 'extras': {}}
+            'audio_lengths': audio_lengths, 'labels': np.array(labels),
+            'extras': {'emotions': np.stack(emotions)} if not np.isnan(np.stack(emotions)).all() else {}}
 
 def read_misa_dir(path: Path) -> dict:
     "The three splits of a MISA/MMIM directory (train.pkl, dev.pkl, test.pkl)."
@@ -391,6 +398,7 @@ def build_dataset(plain_splits: dict, source, fmt: str, name: str | None = None,
                             'pass name= if the data set was misidentified')
     if tokenizer is None or isinstance(tokenizer, str): tokenizer = get_tokenizer(tokenizer)
     splits = {s: _split_from_plain(p, f'{source} [{s}]', tokenizer, max_text_len) for s, p in plain_splits.items()}
+    check_vocabulary(splits, tokenizer, source)
     return MSADataset(name=name, format=fmt, source=str(source), splits=splits, metadata=metadata or {})
 
 def load_dataset(path=None, tokenizer=None, max_text_len: int = 50, name: str | None = None) -> MSADataset:
@@ -414,6 +422,28 @@ def load_dataset(path=None, tokenizer=None, max_text_len: int = 50, name: str | 
     kind = f"dict with keys {', '.join(sorted(map(str, obj))[:6])}" if isinstance(obj, dict) else type(obj).__name__
     raise ThneError(f'{path}: unknown format ({kind}); expected an MMSA pickle (dict of train/valid/test) '
                     'or a MISA/MMIM split (list of records)')
+
+# %% ../nbs/00_data.ipynb #45a6fc5f
+import re
+
+_CJK = re.compile('[\u3400-\u9fff]')
+
+def check_vocabulary(splits: dict, tokenizer, source, limit: float = 0.5):
+    "ThneError naming the preset to use when `tokenizer` turns more than `limit` of the text's word pieces into [UNK]."
+    unknown_id = getattr(tokenizer, 'unk_token_id', None)
+    if unknown_id is None: return
+    special = torch.tensor(sorted(set(getattr(tokenizer, 'all_special_ids', [])) - {unknown_id}), dtype=torch.long)
+    pieces = unknown = 0
+    for split in splits.values():
+        ids = split.input_ids[split.attention_mask.bool()]
+        ids = ids[~torch.isin(ids, special)]
+        pieces, unknown = pieces + ids.numel(), unknown + int((ids == unknown_id).sum())
+    if pieces == 0 or unknown <= limit * pieces: return
+    texts = [str(t) for split in splits.values() for t in split.raw_text]
+    chinese = sum(bool(_CJK.search(t)) for t in texts) > len(texts) / 2
+    advice = ('the text is Chinese: use --config sims, mmim-sims or mcen-sims (bert-base-chinese)' if chinese else
+              'use --config mosi or mosei (bert-base-uncased) for English, or a text model for this language')
+    raise ThneError(f'{source}: the tokenizer turns {unknown / pieces:.0%} of the text into [UNK]; {advice}')
 
 # %% ../nbs/00_data.ipynb #c25a30ba
 class SplitDataset(Dataset):
