@@ -128,7 +128,7 @@ def test_bad_data_file_is_a_one_line_error(tmp_path, capsys):
 
 def test_bad_arguments_exit_2(small_data, tmp_path, capsys):
     status, _, err = run_cli(['train', '--config', 'tiny', '--device', 'tpu'], capsys)
-    assert status == 2 and 'invalid choice' in err
+    assert_one_line_error(status, err, "device 'tpu'")
     status, _, err = run_cli(['train', '--config', 'no_such_config', '--out', tmp_path / 'run'], capsys)
     assert_one_line_error(status, err, 'no_such_config')
     status, _, err = run_cli(['train', '--config', 'tiny', '--epochs', '0'], capsys)

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 # %% auto #0
 __all__ = ['LABEL_RANGES', 'SPLITS', 'ThneError', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset', 'replace_nonfinite',
            'normalise_padding', 'read_mmsa', 'read_misa_split', 'read_misa_dir', 'detect_name', 'minilm_path',
-           'get_tokenizer', 'tokenize', 'build_dataset', 'load_dataset', 'check_vocabulary', 'SplitDataset',
-           'make_loader', 'make_default', 'repo_root', 'plot_dataset', 'write_mmsa', 'bench_memory', 'register_cli']
+           'get_tokenizer', 'tokenize', 'unlabelled_error', 'build_dataset', 'load_dataset', 'check_vocabulary',
+           'SplitDataset', 'make_loader', 'make_default', 'repo_root', 'plot_dataset', 'write_mmsa', 'bench_memory',
+           'register_cli']
 
 # %% ../nbs/00_data.ipynb #2a3035f6
 class ThneError(Exception):
@@ -87,13 +88,13 @@ class SplitData:
     vision_lengths: torch.Tensor   # (N,) long
     audio: torch.Tensor            # (N, Ta, da) float32, right-padded
     audio_lengths: torch.Tensor    # (N,) long
-    labels: torch.Tensor           # (N,) float32
+    labels: torch.Tensor | None    # (N,) float32; None for clips without labels (prediction only)
     raw_text: list
     ids: list
     extras: dict = field(default_factory=dict)   # per-clip numpy arrays a format carries beyond the standard fields
     cleaning: dict = field(default_factory=dict) # what validation replaced or repaired, for the summary
 
-    def __len__(self): return len(self.labels)
+    def __len__(self): return len(self.ids)
     def __repr__(self):
         return (f'SplitData(n={len(self)}, text={tuple(self.input_ids.shape)}, vision={tuple(self.vision.shape)}, '
                 f'audio={tuple(self.audio.shape)})')
@@ -138,7 +139,7 @@ class MSADataset:
                 x, lengths = getattr(s, modality), getattr(s, f'{modality}_lengths')
                 entry[modality] = {'dim': x.shape[-1], 'padded_len': x.shape[1], 'length': _stats(lengths),
                                    **s.cleaning.get(modality, {})}
-            entry['labels'] = _stats(s.labels)
+            entry['labels'] = _stats(s.labels) if s.labels is not None else None
             if 'emotions' in s.extras: entry['labels']['note'] = ('7 values per clip (sentiment, six emotions): '
                                                                   'column 0 used, as the official MMIM loader')
             out['splits'][split_name] = entry
@@ -223,7 +224,7 @@ def _rows(value) -> int:
 def _read_mmsa_split(split: dict, where: str) -> dict:
     "Check one MMSA split dict and return it in the common plain structure."
     if not isinstance(split, dict): raise ThneError(f'{where}: expected a dict of arrays, got {type(split).__name__}')
-    missing = [k for k in _MMSA_REQUIRED if k not in split]
+    missing = [k for k in _MMSA_REQUIRED if k not in split and k != 'regression_labels']  # unlabelled: build_dataset decides
     if missing: raise ThneError(f"{where}: missing {', '.join(repr(k) for k in missing)} (an MMSA split needs {', '.join(_MMSA_REQUIRED)})")
     for key in ('vision', 'audio'):
         if not isinstance(split[key], np.ndarray) or split[key].ndim != 3:
@@ -233,13 +234,16 @@ def _read_mmsa_split(split: dict, where: str) -> dict:
         tb = np.asarray(split['text_bert'])
         if tb.ndim != 3 or tb.shape[1] != 3:
             raise ThneError(f"{where}: 'text_bert' must be (N, 3, L) token ids/mask/segments, got shape {tuple(tb.shape)}")
-    n = len(split['regression_labels'])
+    count_key = 'regression_labels' if 'regression_labels' in split else 'raw_text'
+    n = _rows(split[count_key])
     if n == 0: raise ThneError(f'{where}: split is empty')
     for key in ('raw_text', 'vision', 'audio', 'text_bert', 'vision_lengths', 'audio_lengths', 'id'):
         if key in split and _rows(split[key]) != n:
-            raise ThneError(f"{where}: '{key}' has {_rows(split[key])} clips but 'regression_labels' has {n}")
-    labels = np.asarray(split['regression_labels'], dtype=np.float64).reshape(n, -1)
-    if labels.shape[1] != 1: raise ThneError(f"{where}: 'regression_labels' must hold one value per clip, got shape {labels.shape}")
+            raise ThneError(f"{where}: '{key}' has {_rows(split[key])} clips but '{count_key}' has {n}")
+    labels = None
+    if 'regression_labels' in split:
+        labels = np.asarray(split['regression_labels'], dtype=np.float64).reshape(n, -1)
+        if labels.shape[1] != 1: raise ThneError(f"{where}: 'regression_labels' must hold one value per clip, got shape {labels.shape}")
     ids = split.get('id', np.arange(n))
     extras = {k: np.asarray(v) for k, v in split.items()
               if k not in _MMSA_KNOWN and isinstance(v, (np.ndarray, list)) and _rows(v) == n}
@@ -247,11 +251,12 @@ def _read_mmsa_split(split: dict, where: str) -> dict:
     return {'text': [as_text(t) for t in split['raw_text']], 'ids': [as_text(i) for i in ids],
             'vision': split['vision'], 'vision_lengths': split.get('vision_lengths'),
             'audio': split['audio'], 'audio_lengths': split.get('audio_lengths'),
-            'labels': labels[:, 0], 'extras': extras}
+            'labels': None if labels is None else labels[:, 0], 'extras': extras}
 
-def read_mmsa(obj: dict, path) -> dict:
-    "The splits of an MMSA pickle (already safely unpickled), in the common structure."
+def read_mmsa(obj: dict, path, partial: bool = False) -> dict:
+    "The splits of an MMSA pickle (already safely unpickled), in the common structure; `partial`: those present."
     missing = [s for s in SPLITS if s not in obj]
+    if partial and len(missing) < len(SPLITS): return {s: _read_mmsa_split(obj[s], f'{path} [{s}]') for s in SPLITS if s in obj}
     if missing:
         found = ', '.join(sorted(str(k) for k in obj)) or 'nothing'
         raise ThneError(f"{path}: missing split{'s' if len(missing) > 1 else ''} {', '.join(repr(s) for s in missing)} (found: {found})")
@@ -291,7 +296,7 @@ def read_misa_split(records, where: str) -> dict:
         if (v.shape[1], a.shape[1]) != dims:
             raise ThneError(f'{where}: record {i}: feature dims visual {v.shape[1]}/acoustic {a.shape[1]} differ from '
                             f'record 0 ({dims[0]}/{dims[1]})')
-        y = np.asarray(label, dtype=np.float64).reshape(-1)
+        y = np.full(1, np.nan) if label is None else np.asarray(label, dtype=np.float64).reshape(-1)
         # MOSEI: sentiment, then six emotions; the official MMIM loader keeps column 0, and so do we
         emotions.append(y[1:] if y.size == 7 else np.full(6, np.nan))
         if y.size == 7: y = y[:1]
@@ -299,10 +304,13 @@ def read_misa_split(records, where: str) -> dict:
                                         f"sentiment, six emotions), got shape {np.shape(label)}")
         words = [w.decode() if isinstance(w, bytes) else str(w) for w in np.asarray(words).reshape(-1)]
         visual.append(v); acoustic.append(a); texts.append(' '.join(words)); labels.append(y[0]); ids.append(str(segment))
+    unlabelled = [i for i, record in enumerate(records) if record[1] is None]
+    if unlabelled and len(unlabelled) < len(records):
+        raise ThneError(f'{where}: record {unlabelled[0]} has no label (None) but others have one; label all clips or none')
     vision, vision_lengths = _pad_sequences(visual, dims[0], where, 'visual')
     audio, audio_lengths = _pad_sequences(acoustic, dims[1], where, 'acoustic')
     return {'text': texts, 'ids': ids, 'vision': vision, 'vision_lengths': vision_lengths, 'audio': audio,
-            'audio_lengths': audio_lengths, 'labels': np.array(labels),
+            'audio_lengths': audio_lengths, 'labels': None if unlabelled else np.array(labels),
             'extras': {'emotions': np.stack(emotions)} if not np.isnan(np.stack(emotions)).all() else {}}
 
 def read_misa_dir(path: Path) -> dict:
@@ -333,7 +341,7 @@ def detect_name(splits: dict, path, fmt: str, hint: str | None = None) -> str:
     from_path = _name_from_path(path)
     if from_path: return from_path
     if fmt == 'misa': return 'mosei' if sum(len(s['labels']) for s in splits.values()) > 2199 else 'mosi'
-    labels = np.concatenate([s['labels'] for s in splits.values()])
+    labels = np.concatenate([s['labels'] for s in splits.values() if s['labels'] is not None] or [np.zeros(1)])
     return 'sims' if np.abs(labels).max() <= 1 and dims[0] > 100 else 'unknown'
 
 # %% ../nbs/00_data.ipynb #1cc76317
@@ -374,15 +382,22 @@ def _split_from_plain(plain: dict, where: str, tokenizer, max_text_len: int) -> 
         lengths, report = normalise_padding(x, plain[f'{modality}_lengths'], f'{where} {modality}_lengths')
         cleaning[modality] = {**counts, **report}
         tensors[modality], tensors[f'{modality}_lengths'] = torch.from_numpy(x), torch.from_numpy(lengths)
-    labels = np.asarray(plain['labels'], dtype=np.float32)
-    if not np.isfinite(labels).all(): raise ThneError(f'{where}: labels contain NaN or inf')
+    labels = None if plain['labels'] is None else np.asarray(plain['labels'], dtype=np.float32)
+    if labels is not None and not np.isfinite(labels).all(): raise ThneError(f'{where}: labels contain NaN or inf')
     text = tokenize(plain['text'], tokenizer, max_text_len)
-    return SplitData(**text, **tensors, labels=torch.from_numpy(labels), raw_text=plain['text'], ids=plain['ids'],
+    return SplitData(**text, **tensors, labels=None if labels is None else torch.from_numpy(labels), raw_text=plain['text'], ids=plain['ids'],
                      extras=plain['extras'], cleaning=cleaning)
 
+def unlabelled_error(source, split: str) -> ThneError:
+    "The one line that refuses clips without labels wherever labels are needed (training, evaluation)."
+    return ThneError(f'{source} [{split}]: the clips have no labels; a data set without labels can only be predicted '
+                     '(thne predict), not trained or evaluated on')
+
 def build_dataset(plain_splits: dict, source, fmt: str, name: str | None = None, tokenizer=None,
-                  max_text_len: int = 50, metadata: dict | None = None) -> MSADataset:
+                  max_text_len: int = 50, metadata: dict | None = None, for_prediction: bool = False) -> MSADataset:
     "Validate splits in the common plain structure across splits, name the data set and turn it into tensors."
+    unlabelled = [s for s, p in plain_splits.items() if p['labels'] is None]
+    if unlabelled and not for_prediction: raise unlabelled_error(source, unlabelled[0])
     dims = {s: (p['vision'].shape[-1], p['audio'].shape[-1]) for s, p in plain_splits.items()}
     for modality, k in (('vision', 0), ('audio', 1)):
         found = {s: d[k] for s, d in dims.items()}
@@ -391,6 +406,7 @@ def build_dataset(plain_splits: dict, source, fmt: str, name: str | None = None,
     name = detect_name(plain_splits, source, fmt, name)
     lo, hi = LABEL_RANGES.get(name, (-3.0, 3.0))
     for s, p in plain_splits.items():
+        if p['labels'] is None: continue
         labels = np.asarray(p['labels'], dtype=np.float64)
         if np.isnan(labels).any(): raise ThneError(f'{source} [{s}]: labels contain NaN')
         if labels.min() < lo - 1e-6 or labels.max() > hi + 1e-6:
@@ -401,24 +417,27 @@ def build_dataset(plain_splits: dict, source, fmt: str, name: str | None = None,
     check_vocabulary(splits, tokenizer, source)
     return MSADataset(name=name, format=fmt, source=str(source), splits=splits, metadata=metadata or {})
 
-def load_dataset(path=None, tokenizer=None, max_text_len: int = 50, name: str | None = None) -> MSADataset:
+def load_dataset(path=None, tokenizer=None, max_text_len: int = 50, name: str | None = None,
+                 for_prediction: bool = False) -> MSADataset:
     "Load an MMSA pickle, a MISA/MMIM directory or split file, or (path None/'default') the embedded default."
+    # for_prediction: clips without labels, and MMSA files holding only some of the splits, are accepted
     if path is None or str(path) == 'default':
         raw = make_default()
         meta = raw.pop('thne_nb')
         return build_dataset({s: _read_mmsa_split(raw[s], f'<embedded default> [{s}]') for s in SPLITS}, '<embedded default>',
-                             'default', name or 'default', tokenizer, max_text_len, meta)
+                             'default', name or 'default', tokenizer, max_text_len, meta, for_prediction)
     path = Path(path)
-    if path.is_dir(): return build_dataset(read_misa_dir(path), path, 'misa', name, tokenizer, max_text_len)
+    if path.is_dir(): return build_dataset(read_misa_dir(path), path, 'misa', name, tokenizer, max_text_len, for_prediction=for_prediction)
     obj = safe_load(path)
     if isinstance(obj, dict) and any(s in obj for s in SPLITS):
         meta = obj.get('thne_nb') if isinstance(obj.get('thne_nb'), dict) else {}
-        plain = read_mmsa(obj, path)
+        plain = read_mmsa(obj, path, partial=for_prediction)
         del obj  # the arrays now live only in `plain`, so unused MMSA fields (e.g. 768-d BERT features) are freed
-        return build_dataset(plain, path, 'mmsa', name or meta.get('name'), tokenizer, max_text_len, meta)
+        return build_dataset(plain, path, 'mmsa', name or meta.get('name'), tokenizer, max_text_len, meta, for_prediction)
     if isinstance(obj, (list, tuple)) and obj and _is_misa_record(obj[0]):
         split = {'train': 'train', 'dev': 'valid', 'valid': 'valid'}.get(path.stem.lower(), 'test')
-        return build_dataset({split: read_misa_split(obj, str(path))}, path, 'misa', name, tokenizer, max_text_len)
+        return build_dataset({split: read_misa_split(obj, str(path))}, path, 'misa', name, tokenizer, max_text_len,
+                             for_prediction=for_prediction)
     kind = f"dict with keys {', '.join(sorted(map(str, obj))[:6])}" if isinstance(obj, dict) else type(obj).__name__
     raise ThneError(f'{path}: unknown format ({kind}); expected an MMSA pickle (dict of train/valid/test) '
                     'or a MISA/MMIM split (list of records)')
@@ -461,7 +480,8 @@ class SplitDataset(Dataset):
             lengths = getattr(s, f'{modality}_lengths')[index]
             batch[modality] = getattr(s, modality)[index, :int(lengths.max())]
             batch[f'{modality}_lengths'] = lengths
-        batch['labels'], batch['index'] = s.labels[index], index
+        if s.labels is not None: batch['labels'] = s.labels[index]
+        batch['index'] = index
         return batch
 
 def make_loader(split: SplitData, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
@@ -612,7 +632,7 @@ def write_mmsa(data: dict, out, tokenizer=None, max_text_len: int = 50, protocol
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = dict(data)
-    for split in SPLITS:
+    for split in [s for s in SPLITS if s in data]:  # a file of new clips may hold a single split
         if 'text_bert' not in data[split]:
             enc = tokenize(list(data[split]['raw_text']), tokenizer, max_text_len)
             data[split] = {**data[split], 'text_bert': torch.stack([enc['input_ids'], enc['attention_mask'],

@@ -6,9 +6,9 @@
 __all__ = ['OPTIMIZERS', 'RESUMABLE_FIELDS', 'SELECTION_METRIC', 'RECIPE_LEDGER', 'resolve_device', 'autocast_for', 'cpu_bf16',
            'to_device', 'seed_everything', 'configure_determinism', 'rng_state', 'set_rng_state', 'epoch_seed',
            'evaluate', 'constant_baseline', 'ConstantRate', 'make_optimizers', 'clipped_parameters', 'train_seed',
-           'load_for_config', 'summarise', 'train', 'read_history', 'read_run', 'load_run', 'resolve_config',
-           'config_from_args', 'metrics_table', 'TextOnlyRegressor', 'bench', 'bench_amp', 'register_cli',
-           'recipe_ledger', 'ledger_markdown']
+           'load_for_config', 'summarise', 'train', 'read_history', 'read_run', 'load_run', 'is_config_file',
+           'config_from_file', 'resolve_config', 'config_from_args', 'metrics_table', 'TextOnlyRegressor', 'bench',
+           'bench_amp', 'register_cli', 'recipe_ledger', 'ledger_markdown']
 
 # %% ../nbs/07_training.ipynb #76b6c634
 import argparse, json, math, os, random, resource, shutil, sys, time, warnings
@@ -22,19 +22,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ThneError, load_dataset, make_loader
+from .data import SPLITS, ThneError, load_dataset, make_loader, unlabelled_error
 from .metrics import compute_metrics, LOWER_IS_BETTER
 from .model import Config, build_model, get_config, MODELS
 
 # %% ../nbs/07_training.ipynb #efe99073
 def resolve_device(spec=None) -> torch.device:
-    "`'auto'`/None → CUDA when available else CPU; `'cpu'`, `'cuda'`, `'cuda:1'` as given (CUDA must exist)."
+    "`'auto'`/None → CUDA when available else CPU; `'cpu'`, `'cuda'`, `'cuda:N'` as given (that CUDA device must exist)."
     spec = 'auto' if spec in (None, '') else str(spec)
     if spec == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try: device = torch.device(spec)
-    except RuntimeError: raise ThneError(f"device '{spec}': not a device; use auto, cpu or cuda") from None
+    except RuntimeError: raise ThneError(f"device '{spec}': not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ('cpu', 'cuda'): raise ThneError(f"device '{spec}': not supported; use auto, cpu, cuda or cuda:N")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ThneError(f"device '{spec}': CUDA is not available on this machine; use --device cpu")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ThneError(f"device '{spec}': this machine has {count} CUDA device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
     return device
 
 _CPU_BF16 = False
@@ -128,6 +132,8 @@ def evaluate(model, loader, device, dataset_name: str = 'mosi', split=None, amp:
     return metrics, table
 
 def _evaluate(model, loader, device, dataset_name='mosi', split=None, amp=True):
+    labelled = split if split is not None else _split_of(loader)
+    if labelled is not None and labelled.labels is None: raise unlabelled_error('evaluate', 'the given split')
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     predictions, labels, index, scores, losses = _run_eval(model, loader, device, amp)
     with warnings.catch_warnings():
@@ -376,6 +382,9 @@ def train(cfg, out_dir, dataset=None, seeds=None, device=None, resume=True, prog
     if device is not None: cfg = cfg.replace(device=str(device))
     device = resolve_device(cfg.device)
     if dataset is None: dataset = load_for_config(cfg)
+    for name in SPLITS:
+        if name not in dataset.splits: raise ThneError(f'{dataset.source}: no {name!r} split; training needs train, valid and test')
+        if dataset.splits[name].labels is None: raise unlabelled_error(dataset.source, name)
     _write_json(cfg.to_dict(), out_dir / 'config.json')
     splits = dataset.splits
     summary = {'model': cfg.model, 'dataset': dataset.name, 'seeds': {}, 'mean': {}, 'std': {}, 'valid': {},
@@ -427,8 +436,26 @@ def load_run(run_dir, seed=None):
     return cfg, model.eval()
 
 # %% ../nbs/07_training.ipynb #55a5cb52
+def is_config_file(name: str) -> bool:
+    "Whether `--config name` means a JSON file (it ends in .json or is an existing file) rather than a preset."
+    return str(name).endswith('.json') or Path(name).is_file()
+
+def config_from_file(path) -> Config:
+    "A Config from a JSON object of config fields (a run's config.json, or written by hand; missing fields keep their defaults)."
+    path = Path(path)
+    if not path.is_file(): raise ThneError(f'{path}: no such config file')
+    try: data = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err: raise ThneError(f'{path}: not valid JSON ({err})') from None
+    if not isinstance(data, dict): raise ThneError(f'{path}: expected a JSON object of config fields, found {type(data).__name__}')
+    try: return Config.from_dict(data)
+    except ThneError as err: raise ThneError(f'{path}: {err}') from None
+    except TypeError as err: raise ThneError(f'{path}: a value has the wrong type ({err})') from None
+
 def resolve_config(name: str, model: str | None = None):
-    "A named config; with `--model`, `'<model>-<name>'` when registered, else the config with its model replaced."
+    "A named config or a JSON file; with `--model`, `'<model>-<name>'` when registered, else the config with its model replaced."
+    if is_config_file(name):
+        cfg = config_from_file(name)
+        return cfg.replace(model=model) if model and model != cfg.model else cfg
     if model and model != 'thne' and not name.startswith(f'{model}-'):
         if _has_config(f'{model}-{name}'): return get_config(f'{model}-{name}')
         if model not in MODELS: raise ThneError(f"--model {model}: unknown model (known: {', '.join(sorted(MODELS))})")
@@ -440,7 +467,9 @@ def config_from_args(args):
     cfg = resolve_config(args.config, getattr(args, 'model', None))
     if getattr(args, 'data', None): cfg = cfg.replace(data=args.data)
     if getattr(args, 'seeds', None): cfg = cfg.replace(seeds=tuple(args.seeds))
-    if getattr(args, 'device', None): cfg = cfg.replace(device=args.device)
+    if getattr(args, 'device', None):
+        resolve_device(args.device)  # an unusable device is reported before a run folder is made
+        cfg = cfg.replace(device=args.device)
     if getattr(args, 'epochs', None) is not None: cfg = cfg.replace(epochs=args.epochs)
     if getattr(args, 'batch_size', None) is not None: cfg = cfg.replace(batch_size=args.batch_size)
     if getattr(args, 'set', None): cfg = cfg.set_from_strings(args.set)
@@ -453,9 +482,15 @@ def metrics_table(summary: dict) -> pd.DataFrame:
     columns['constant'] = {k: v for k, v in summary['baseline_constant'].items() if k != 'constant'}
     return pd.DataFrame(columns).astype(float)
 
+def _default_run_dir(config: str) -> Path:
+    "runs/<preset>; runs/<file stem> for a JSON config, runs/<its run folder>-again for a run's own config.json."
+    if not is_config_file(config): return Path('runs') / config
+    path = Path(config)
+    return Path('runs') / (f'{path.resolve().parent.name}-again' if path.stem == 'config' else path.stem)
+
 def _cmd_train(args):
     cfg = config_from_args(args)
-    out = Path(args.out) if args.out else Path('runs') / args.config
+    out = Path(args.out) if args.out else _default_run_dir(args.config)
     if args.fresh and out.exists():
         for seed_dir in out.glob('seed_*'): shutil.rmtree(seed_dir)
     summary = train(cfg, out, progress=not args.quiet)
@@ -595,10 +630,10 @@ def bench_amp(cfg, dataset=None, device=None, seed=None) -> pd.DataFrame:
 # %% ../nbs/07_training.ipynb #c9f8d502
 def _config_arguments(parser, default_config):
     parser.add_argument('--config', default=default_config,
-                        help='named config: demo, mosi, mosei, tiny, or <model>-<data> such as mmim-mosi')
+                        help="preset name (list: thne configs) or a JSON file of config fields, such as a run's config.json")
     parser.add_argument('--model', choices=('thne', 'mmim', 'mcen'), help='model (default: the config\'s)')
     parser.add_argument('--data', metavar='PATH', help="data set: MMSA pickle, MISA/MMIM folder or 'default'")
-    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), help='default: the config\'s (auto)')
+    parser.add_argument('--device', metavar='DEVICE', help="auto, cpu, cuda or cuda:N (default: the config's, auto)")
     parser.add_argument('--set', nargs='+', metavar='KEY=VALUE', default=[], help='override config fields')
 
 def _seed_list(text):
@@ -626,7 +661,7 @@ def register_cli(subparsers):
     p.add_argument('run_dir', metavar='RUN_DIR')
     p.add_argument('--data', metavar='PATH', help="data set (default: the run's)")
     p.add_argument('--split', default='test', choices=('train', 'valid', 'test'))
-    p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    p.add_argument('--device', default='auto', metavar='DEVICE', help='auto, cpu, cuda or cuda:N (default: auto)')
     p.set_defaults(func=_cmd_eval)
 
     p = subparsers.add_parser('bench', help='training throughput of a model vs its bare text encoder')
@@ -638,6 +673,15 @@ def register_cli(subparsers):
     p.add_argument('--amp-effect', action='store_true',
                    help='instead: train one seed in float32 and under bf16 autocast, compare test MAE/Acc-7')
     p.set_defaults(func=_cmd_bench)
+
+# %% ../nbs/07_training.ipynb #62dd8802
+import types
+
+class _CallableModule(types.ModuleType):
+    "This module, callable: `thne_nb.train(cfg, out, ...)` runs `train` (the chapter and its main function share a name)."
+    def __call__(self, *args, **kwargs): return train(*args, **kwargs)
+
+if __name__ == 'thne_nb.train': sys.modules[__name__].__class__ = _CallableModule
 
 # %% ../nbs/07_training.ipynb #9975cae6
 RECIPE_LEDGER = [
