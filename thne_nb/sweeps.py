@@ -95,7 +95,7 @@ def finish_run(cfg, run_dir, seeds, dataset=None, device=None) -> bool:
         rp.ensure_run(cfg, run_dir, seeds, dataset=data, device=device, progress=False, log=lambda *_: None)
     return True
 
-# %% ../nbs/14_sweeps.ipynb #7c50a989
+# %% ../nbs/14_sweeps.ipynb #7a824442
 def _one_line(text) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return (lines[-1] if lines else 'unknown error')[:300]
@@ -111,17 +111,17 @@ def _trial_lines(tune, specs, log):
         done = 0
         def line(self, trial, text):
             TrialLines.done += 1
-            log(f"[{TrialLines.done}/{len(specs)}] {text} {specs[trial.config['trial']].name}")
+            log(f"[{TrialLines.done}/{len(specs)}] {specs[trial.config['trial']].name}: {text}")
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            if 'error' in result: return self.line(trial, f"FAILED {result['error']} --")
+            if 'error' in result: return self.line(trial, f"FAILED, {result['error']}")
             wrote = ', run folder written' if result.get('wrote run') else ''
             self.line(trial, f"{result.get('status', 'trained')} ({result.get('seconds', float('nan')):.0f} s, valid MAE "
                              f"{result.get('valid MAE', float('nan')):.4f}, best epoch {result.get('best epoch')}{wrote})")
         def on_trial_error(self, iteration, trials, trial, **info):
             path = getattr(trial, 'error_file', None)
             error = _one_line(Path(path).read_text()) if path and Path(path).is_file() else 'see the summary'
-            self.line(trial, f'FAILED {error} --')
+            self.line(trial, f'FAILED, {error}')
     return TrialLines()
 
 # %% ../nbs/14_sweeps.ipynb #219dcb2a
