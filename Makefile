@@ -15,7 +15,7 @@ setup: $(BIN)/.installed
 $(BIN)/.installed: settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,sweep]"
 	touch $@
 
 demo: setup

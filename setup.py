@@ -20,7 +20,7 @@ setup(
     include_package_data=True,
     python_requires='>=' + cfg['min_python'],
     install_requires=cfg['requirements'].split(),
-    extras_require={'dev': cfg['dev_requirements'].split()},
+    extras_require={'dev': cfg['dev_requirements'].split(), 'sweep': cfg['sweep_requirements'].split()},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     keywords=cfg['keywords'],
     classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: MIT License',

@@ -16,9 +16,9 @@ from . import results
 # %% auto #0
 __all__ = ['PAPER_SEEDS', 'DEMO_SEEDS', 'BASELINE_LABELS', 'FULL', 'ADJUSTED', 'ABLATIONS', 'NOT_IDENTITY', 'PAPER_GRID',
            'GRID_ALIASES', 'default_seeds', 'config_identity', 'config_hash', 'apply_settings', 'plan_runs', 'run_slug',
-           'run_dir_for', 'is_finished', 'ensure_run', 'Reproduction', 'default_figures_dir', 'reproduce',
-           'write_artefacts', 'split_grid_settings', 'grid_points', 'point_config', 'point_slug', 'grid_search',
-           'register_cli']
+           'run_dir_for', 'is_finished', 'ensure_run', 'train_locally', 'Reproduction', 'default_figures_dir',
+           'reproduce', 'write_artefacts', 'split_grid_settings', 'grid_points', 'point_config', 'point_slug',
+           'grid_search', 'register_cli']
 
 # %% ../nbs/09_reproduce.ipynb #71662e22
 PAPER_SEEDS = (1111, 1112, 1113, 1114, 1115)
@@ -114,6 +114,16 @@ def ensure_run(cfg, run_dir, seeds, dataset=None, device=None, progress=True, lo
     train_mod.train(cfg, run_dir, dataset=dataset, seeds=seeds, device=device, resume=True, progress=progress)
     return True
 
+# %% ../nbs/09_reproduce.ipynb #6c1d2e94
+def train_locally(jobs: dict, seeds, datasets, device=None, progress=True, log=print) -> list:
+    "The local backend: train (or reuse) each job's run folder in turn, every seed inside; the labels trained now."
+    trained = []
+    for i, (label, (cfg, run_dir)) in enumerate(jobs.items(), 1):
+        log(f'[{i}/{len(jobs)}] {label}')
+        needed = None if is_finished(run_dir, cfg.replace(seeds=seeds), seeds) else datasets(cfg)
+        if ensure_run(cfg, run_dir, seeds, dataset=needed, device=device, progress=progress, log=log): trained.append(label)
+    return trained
+
 # %% ../nbs/09_reproduce.ipynb #2d200581
 @dataclass
 class Reproduction:
@@ -127,9 +137,11 @@ def default_figures_dir(config: str) -> Path:
     return Path('figures') if config == 'demo' else Path('figures')/config
 
 def reproduce(config: str = 'demo', data=None, seeds=None, results_dir=None, figures_dir=None, runs_dir=None,
-              models=('thne', 'mmim', 'mcen'), settings=(), device=None, progress=True, dataset=None, log=print) -> Reproduction:
+              models=('thne', 'mmim', 'mcen'), settings=(), device=None, progress=True, dataset=None, log=print,
+              backend=None) -> Reproduction:
     """Train or reuse every run the paper's artefacts need, then write Tables 3-5 and Figure 3 and the heatmap.
-    `dataset`: an already loaded `MSADataset` used by every run (tests pass a small subset); default: each config's."""
+    `dataset`: an already loaded `MSADataset` used by every run (tests pass a small subset); default: each config's.
+    `backend`: who trains the runs (default `train_locally`; `sweeps.RayBackend` for a Ray cluster)."""
     start = time.perf_counter()
     seeds = tuple(seeds or default_seeds(config))
     results_dir = Path(results_dir or Path('results')/config)
@@ -137,12 +149,9 @@ def reproduce(config: str = 'demo', data=None, seeds=None, results_dir=None, fig
     runs_dir = Path(runs_dir or Path('runs')/f'reproduce-{config}')
     plan = plan_runs(config, models, data, settings, dataset)
     datasets = _DatasetCache(dataset)
-    run_dirs, trained = {}, []
-    for label, cfg in plan.items():
-        run_dirs[label] = run_dir_for(runs_dir, label, cfg)
-        needed = None if is_finished(run_dirs[label], cfg.replace(seeds=seeds), seeds) else datasets(cfg)
-        if ensure_run(cfg, run_dirs[label], seeds, dataset=needed, device=device, progress=progress, log=log):
-            trained.append(label)
+    jobs = {label: (cfg, run_dir_for(runs_dir, label, cfg)) for label, cfg in plan.items()}
+    trained = (backend or train_locally)(jobs, seeds, datasets, device=device, progress=progress, log=log)
+    run_dirs = {label: run_dir for label, (_, run_dir) in jobs.items()}
     files = write_artefacts(run_dirs, results_dir, figures_dir, dataset_loader=datasets, log=log)
     return Reproduction(run_dirs, trained, files, time.perf_counter() - start)
 
@@ -231,7 +240,8 @@ def point_slug(point: dict) -> str:
 
 # %% ../nbs/09_reproduce.ipynb #4ecc85cc
 def grid_search(config: str = 'demo', data=None, seeds=None, runs_dir=None, results_dir=None, settings=(),
-                max_points=None, select: str = 'MAE', order_seed: int = 0, device=None, progress=True, dataset=None, log=print):
+                max_points=None, select: str = 'MAE', order_seed: int = 0, device=None, progress=True, dataset=None, log=print,
+                backend=None):
     "Run (or resume) the grid, select on validation `select`, write grid.csv/grid.md; returns (table, selected row)."
     from thne_nb import model as model_mod, metrics as metrics_mod
     restrict, fixed = split_grid_settings(settings)
@@ -242,16 +252,16 @@ def grid_search(config: str = 'demo', data=None, seeds=None, runs_dir=None, resu
     runs_dir = Path(runs_dir or Path('runs')/f'grid-{config}')
     results_dir = Path(results_dir or Path('results')/config)
     points = grid_points(PAPER_GRID, restrict, max_points, order_seed)
-    datasets, rows = _DatasetCache(dataset), []
-    for i, point in enumerate(points, 1):
+    jobs = {}
+    for point in points:
         cfg = point_config(base, point).replace(seeds=seeds)
-        run_dir = runs_dir/f'{point_slug(point)}-{config_hash(cfg)}'
-        log(f'[{i}/{len(points)}] {point_slug(point)}')
-        dataset = None if is_finished(run_dir, cfg, seeds) else datasets(cfg)
-        trained = ensure_run(cfg, run_dir, seeds, dataset=dataset, device=device, progress=progress, log=log)
+        jobs[point_slug(point)] = (cfg, runs_dir/f'{point_slug(point)}-{config_hash(cfg)}')
+    trained_now = (backend or train_locally)(jobs, seeds, _DatasetCache(dataset), device=device, progress=progress, log=log)
+    rows = []
+    for point, (slug, (cfg, run_dir)) in zip(points, jobs.items()):
         valid = results.read_run(run_dir).seed_metrics('valid')
         if select not in valid.columns: raise ThneError(f"--select: '{select}' is not a validation metric of {run_dir} ({sorted(valid.columns)})")
-        rows.append({**point, **{f'valid {k}': v for k, v in valid.mean().items()}, 'trained_now': trained, 'run_dir': str(run_dir)})
+        rows.append({**point, **{f'valid {k}': v for k, v in valid.mean().items()}, 'trained_now': slug in trained_now, 'run_dir': str(run_dir)})
     table = pd.DataFrame(rows)
     lower = select in metrics_mod.LOWER_IS_BETTER
     best = table[f'valid {select}'].idxmin() if lower else table[f'valid {select}'].idxmax()
@@ -288,11 +298,29 @@ def _headless():
     # the commands only write files: never try to open a window (e.g. over ssh without a display)
     import matplotlib; matplotlib.use('Agg')
 
+def _backend_of(args):
+    "None (train here, one run after another) or the Ray backend the arguments describe."
+    if args.backend == 'local':
+        given = [flag for flag, value in (('--address', args.address), ('--gpus-per-trial', args.gpus_per_trial),
+                                          ('--cpus-per-trial', args.cpus_per_trial)) if value is not None]
+        if given: raise ThneError(f"{given[0]}: only with --backend ray")
+        return None
+    from thne_nb.sweeps import RayBackend
+    return RayBackend(address=args.address, gpus_per_trial=args.gpus_per_trial or 0.0,
+                      cpus_per_trial=args.cpus_per_trial if args.cpus_per_trial is not None else 1.0)
+
+def _backend_arguments(parser) -> None:
+    parser.add_argument('--backend', choices=('local', 'ray'), default='local',
+                        help='local: one training after another here (default); ray: one Ray Tune trial per run and seed')
+    parser.add_argument('--address', help="Ray cluster to join (what `ray start --head` printed, or 'auto'); default: start one here")
+    parser.add_argument('--gpus-per-trial', type=float, help='GPU share of a trial (0.25 packs four on a GPU; default 0)')
+    parser.add_argument('--cpus-per-trial', type=float, help='CPUs of a trial (default 1)')
+
 def _reproduce_command(args) -> int:
     _headless()
     out = reproduce(args.config, data=args.data, seeds=_seed_list(args.seeds), results_dir=args.results,
                     figures_dir=args.figures, runs_dir=args.runs, models=_models(args.models), settings=args.set,
-                    device=args.device, progress=not args.quiet)
+                    device=args.device, progress=not args.quiet, backend=_backend_of(args))
     print(f'thne reproduce: {len(out.run_dirs)} runs ({len(out.trained)} trained now), {len(out.files)} files, {out.seconds:.0f} s')
     return 0
 
@@ -300,7 +328,8 @@ def _grid_command(args) -> int:
     _headless()
     table, selected = grid_search(args.config, data=args.data, seeds=_seed_list(args.seeds), runs_dir=args.runs,
                                   results_dir=args.results, settings=args.set, max_points=args.max_points,
-                                  select=args.select, order_seed=args.order_seed, device=args.device, progress=not args.quiet)
+                                  select=args.select, order_seed=args.order_seed, device=args.device, progress=not args.quiet,
+                                  backend=_backend_of(args))
     print(f"thne grid: {len(table)} points; selected {selected.run_dir} (valid {args.select} {selected[f'valid {args.select}']:.4f})")
     return 0
 
@@ -318,6 +347,7 @@ def register_cli(subparsers) -> None:
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE', help='override config fields in every run (e.g. epochs=2)')
     p.add_argument('--device', help="'cpu', 'cuda', ... (default: the config's)")
     p.add_argument('--quiet', action='store_true', help='no progress bars')
+    _backend_arguments(p)
     p.set_defaults(func=_reproduce_command)
     g = subparsers.add_parser('grid', help='grid search of Section 4.3, selected on validation, resumable',
                               description='Batch size {32,64} x eta {5e-4,1e-3,5e-3} x alpha, beta {0.05,0.1,0.3} x hidden {32,64}.')
@@ -333,4 +363,5 @@ def register_cli(subparsers) -> None:
     g.add_argument('--select', default='MAE', help='validation metric to select on (default MAE, lower is better)')
     g.add_argument('--device', help="'cpu', 'cuda', ...")
     g.add_argument('--quiet', action='store_true', help='no progress bars')
+    _backend_arguments(g)
     g.set_defaults(func=_grid_command)
