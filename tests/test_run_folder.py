@@ -1,6 +1,6 @@
 """A run folder never lies: refusals write nothing, one training per folder, a data fingerprint, atomic files, and an
 exact resume after being killed at random moments. Tiny config, 40 synthetic clips."""
-import contextlib, io, json, os, pickle, random, shutil, signal, subprocess, sys, time
+import contextlib, errno, io, json, os, pickle, random, shutil, signal, subprocess, sys, time
 
 import numpy as np
 import pandas as pd
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from thne_nb.cli import main
-from thne_nb.data import make_default, write_mmsa
-from thne_nb.train import RunFolder, load_for_config, read_run, train
+from thne_nb.data import ThneError, make_default, write_mmsa
+from thne_nb.train import RunFolder, _atomic_save, load_for_config, read_run, train
 
 
 def thne(*argv):
@@ -126,6 +126,15 @@ def test_everyday_mistakes(small_data, tmp_path, monkeypatch):
     (tmp_path / 'test.pkl').write_bytes(pickle.dumps(records))
     assert thne('data', 'inspect', tmp_path / 'test.pkl')[0] == 0
     one_line_error(thne(*train_args(tmp_path / 'test.pkl', tmp_path / 'r')), 'holds no train, valid split')
+    # a full disk: one line naming the file, and no truncated file left under the real name
+    def disk_full(*_, **__): raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as patched:
+        patched.setattr('thne_nb.data.pickle.dump', disk_full)
+        one_line_error(thne('data', 'synth', tmp_path / 'full.pkl', '--clips', '20'), 'full.pkl', 'No space left')
+        patched.setattr('thne_nb.train.torch.save', lambda *_: (_ for _ in ()).throw(RuntimeError('file write failed')))
+        with pytest.raises(ThneError, match='last.pt: cannot write .* previous version is kept'):
+            _atomic_save({}, tmp_path / 'last.pt')
+    assert not list(tmp_path.glob('full.pkl*')) and not (tmp_path / 'last.pt').exists()
     # Ctrl-C and a closed pipe end without a traceback
     def interrupted(*_, **__): raise KeyboardInterrupt
     monkeypatch.setattr('thne_nb.train.train', interrupted)

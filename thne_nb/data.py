@@ -655,6 +655,7 @@ def write_mmsa(data: dict, out, tokenizer=None, max_text_len: int = 50, protocol
     try:
         with open(partial, 'wb') as f: pickle.dump(data, f, protocol=protocol)
         os.replace(partial, out)  # a full disk or an interruption leaves no truncated pickle under the real name
+    except OSError as err: raise ThneError(f'{out}: cannot write ({err.strerror or err}); nothing was written') from None
     finally: partial.unlink(missing_ok=True)
     return out
 

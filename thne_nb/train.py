@@ -225,7 +225,10 @@ SELECTION_METRIC = 'MAE'
 
 def _atomic_save(obj, path: Path):
     temporary = path.with_suffix(path.suffix + '.tmp')
-    torch.save(obj, temporary); os.replace(temporary, path)
+    try: torch.save(obj, temporary); os.replace(temporary, path)
+    except (OSError, RuntimeError) as err:  # a full disk: torch reports it as a RuntimeError
+        raise ThneError(f'{path}: cannot write ({_one_line(err, 80)}); the previous version is kept, '
+                        'free some space and resume with the same command') from None
 
 def _plain(value):
     "JSON-able copy: tuples → lists, NaN/inf → None (strict JSON has no NaN)."
@@ -237,7 +240,10 @@ def _plain(value):
 
 def _atomic_write_text(text: str, path: Path):
     temporary = path.with_suffix(path.suffix + '.tmp')
-    temporary.write_text(text, encoding='utf-8'); os.replace(temporary, path)
+    try: temporary.write_text(text, encoding='utf-8'); os.replace(temporary, path)
+    except OSError as err:
+        raise ThneError(f'{path}: cannot write ({err.strerror or err}); the previous version is kept, '
+                        'free some space and resume with the same command') from None
 
 def _write_json(obj, path: Path): _atomic_write_text(json.dumps(_plain(obj), indent=2) + '\n', path)
 
