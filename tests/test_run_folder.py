@@ -120,6 +120,11 @@ def test_everyday_mistakes(small_data, tmp_path, monkeypatch):
     one_line_error(thne('data', 'synth', small_data / 'x.pkl'), 'is a file')
     one_line_error(thne('data', 'synth', tmp_path / 'x.pkl', '--seed', '-3'), '--seed -3')
     one_line_error(thne('data', 'bench', '--clips', '5'), '--clips 5')
+    with monkeypatch.context() as offline:  # no hub: the quick offline check, not a minute of retries
+        offline.setenv('HF_HUB_OFFLINE', '1')
+        started = time.time()
+        one_line_error(thne('data', 'inspect', small_data, '--tokenizer', 'no-such-owner/no-such-model'), 'hub is unreachable')
+        assert time.time() - started < 20
     assert not (tmp_path / 'r').exists() and not (tmp_path / 'g').exists()
     # one MISA split file: fine to inspect, but training needs all three splits
     records = [((np.arange(2), np.ones((2, 4)), np.ones((2, 3)), ['a', 'b']), [[0.5]], f'v[{i}]') for i in range(3)]
