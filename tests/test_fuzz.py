@@ -178,6 +178,7 @@ def damaged_misa(draw):
     records = [misa_record(L=draw(st.integers(1, 3)), i=i) for i in range(draw(st.integers(1, 4)))]
     for _ in range(draw(st.integers(0, 3))):
         i = draw(st.integers(0, len(records) - 1))
+        if not (isinstance(records[i], tuple) and len(records[i]) == 3 and len(records[i][0]) == 4): continue
         (ids, v, a, words), label, segment = records[i]
         part = draw(st.sampled_from(['visual', 'acoustic', 'label', 'words', 'segment', 'shape', 'record', 'empty']))
         value = draw(hostile_values)
@@ -190,7 +191,6 @@ def damaged_misa(draw):
         elif part == 'empty': v, a, words = np.array([]), np.zeros((0, 3), np.float32), []
         elif part == 'shape': v = np.ones((len(v) if hasattr(v, '__len__') else 1, draw(st.integers(0, 6))), np.float32)
         records[i] = value if part == 'record' else ((ids, v, a, words), label, segment)
-        if part not in ('record',): records[i] = ((ids, v, a, words), label, segment)
     return records
 
 

@@ -56,6 +56,9 @@ def safe_load(path) -> object:
     if not path.exists(): raise ThneError(f'{path}: no such file or directory')
     if path.is_dir(): raise ThneError(f'{path}: is a directory, expected a pickle file')
     if path.stat().st_size == 0: raise ThneError(f'{path}: empty file (truncated download?)')
+    # Some corrupt pickles make CPython free a half-built bytearray and print "SystemError: deallocated bytearray
+    # object has exported buffers" through sys.excepthook; the one-line error below already says the file is bad.
+    excepthook, sys.excepthook = sys.excepthook, lambda *exc_info: None
     try:
         with open(path, 'rb') as f:
             # latin1 lets numpy arrays pickled by Python 2 (old MOSI copies) decode their raw bytes
@@ -73,6 +76,7 @@ def safe_load(path) -> object:
         raise ThneError(f'{path}: not enough memory to load this pickle') from None
     except Exception as err:  # numpy or pickle choking on mangled bytes: any of a dozen exception types
         raise ThneError(f'{path}: corrupt pickle ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""})') from None
+    finally: sys.excepthook = excepthook
 
 # %% ../nbs/00_data.ipynb #c81563f7
 LABEL_RANGES = {'mosi': (-3.0, 3.0), 'mosei': (-3.0, 3.0), 'sims': (-1.0, 1.0), 'default': (-3.0, 3.0)}
