@@ -6,7 +6,7 @@
 __all__ = ['COMMAND_MODULES', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #85de921e
-import argparse, importlib, sys
+import argparse, importlib, os, sys
 from .data import ThneError
 
 # %% ../nbs/99_cli.ipynb #15b42772
@@ -19,11 +19,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES: importlib.import_module(name).register_cli(commands)
     return parser
 
+def _fail(message) -> None:
+    print(f"thne: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
+    sys.exit(2)
+
+def _silence_stdout():
+    "After a broken pipe (`thne ... | head`), send stdout to /dev/null so the interpreter's last flush stays quiet."
+    try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError): pass  # stdout is not a real file (captured in tests)
+
 def main(argv=None) -> int:
-    "Console entry point: run one `thne` sub-command; user errors exit 2 with a one-line message."
-    args = build_parser().parse_args(argv)
-    try: status = args.func(args)
-    except ThneError as err:
-        print(f'thne: error: {err}', file=sys.stderr)
-        sys.exit(2)
+    "Console entry point: one `thne` sub-command; user errors exit 2 with one line, Ctrl-C 130, a closed pipe 141."
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()
+    except ThneError as err: _fail(err)
+    except KeyboardInterrupt:
+        print('thne: interrupted; resume with the same command', file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(141)  # what a shell reports for a process ended by SIGPIPE
+    except OSError as err:  # the machine rather than the input: a full disk, a read-only folder, a path under a file
+        _fail(f'{err.filename}: {err.strerror}' if err.filename and err.strerror else err)
     sys.exit(int(status or 0))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #b1e3c57a
 from __future__ import annotations
-import functools, json, pickle, subprocess, sys, tempfile, time
+import functools, json, os, pickle, subprocess, sys, tempfile, time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ __all__ = ['LABEL_RANGES', 'SPLITS', 'ThneError', 'SafeUnpickler', 'safe_load', 
 # %% ../nbs/00_data.ipynb #2a3035f6
 class ThneError(Exception):
     "A problem the user can fix (bad file, bad argument); its message is one line naming the thing and the problem."
+    def __str__(self): return ' '.join(super().__str__().splitlines())  # a file name or value may hold a newline
 
 # %% ../nbs/00_data.ipynb #9b57e80f
 _NUMPY_INTERNALS = {('multiarray', '_reconstruct'), ('multiarray', 'scalar'), ('numeric', '_frombuffer')}
@@ -56,6 +57,9 @@ def safe_load(path) -> object:
     if not path.exists(): raise ThneError(f'{path}: no such file or directory')
     if path.is_dir(): raise ThneError(f'{path}: is a directory, expected a pickle file')
     if path.stat().st_size == 0: raise ThneError(f'{path}: empty file (truncated download?)')
+    # Some corrupt pickles make CPython free a half-built bytearray and print "SystemError: deallocated bytearray
+    # object has exported buffers" through sys.excepthook; the one-line error below already says the file is bad.
+    excepthook, sys.excepthook = sys.excepthook, lambda *exc_info: None
     try:
         with open(path, 'rb') as f:
             # latin1 lets numpy arrays pickled by Python 2 (old MOSI copies) decode their raw bytes
@@ -73,6 +77,7 @@ def safe_load(path) -> object:
         raise ThneError(f'{path}: not enough memory to load this pickle') from None
     except Exception as err:  # numpy or pickle choking on mangled bytes: any of a dozen exception types
         raise ThneError(f'{path}: corrupt pickle ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""})') from None
+    finally: sys.excepthook = excepthook
 
 # %% ../nbs/00_data.ipynb #c81563f7
 LABEL_RANGES = {'mosi': (-3.0, 3.0), 'mosei': (-3.0, 3.0), 'sims': (-1.0, 1.0), 'default': (-3.0, 3.0)}
@@ -188,9 +193,12 @@ def normalise_padding(x: np.ndarray, lengths, where: str):
         left = left_votes > 0
         lengths = np.where(last < 0, 0, (T - first) if left else (last + 1))
     else:
-        lengths = np.asarray(lengths).reshape(-1)
-        if not np.issubdtype(lengths.dtype, np.number) or np.isnan(lengths.astype(np.float64)).any():
-            raise ThneError(f'{where}: lengths must be numbers')
+        try: lengths = np.asarray(lengths).reshape(-1)
+        except (ValueError, TypeError): raise ThneError(f'{where}: lengths must be one number per clip') from None
+        if lengths.shape != (n,): raise ThneError(f'{where}: {lengths.size} lengths for {n} clips')
+        if not (np.issubdtype(lengths.dtype, np.integer) or np.issubdtype(lengths.dtype, np.floating)) \
+                or not np.isfinite(lengths.astype(np.float64)).all():
+            raise ThneError(f'{where}: lengths must be finite numbers')
         if (lengths < 0).any(): raise ThneError(f'{where}: negative sequence length {int(lengths.min())}')
         lengths = lengths.astype(np.int64)
         report['lengths_clipped'] = int((lengths > T).sum())
@@ -219,7 +227,24 @@ _MMSA_KNOWN = set(_MMSA_REQUIRED) | {'text_bert', 'vision_lengths', 'audio_lengt
                                      'regression_labels_V', 'audio_lengths', 'vision_lengths'}
 
 def _rows(value) -> int:
-    return len(value) if not isinstance(value, np.ndarray) or value.ndim else 1
+    if isinstance(value, np.ndarray): return len(value) if value.ndim else 1
+    return len(value) if isinstance(value, (list, tuple)) else 1
+
+def _as_text(value, where: str) -> str:
+    "A transcript or id as text: bytes decoded as UTF-8 (bad bytes replaced); a lone surrogate is refused."
+    text = value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+    try: text.encode('utf-8')
+    except UnicodeEncodeError: raise ThneError(f'{where}: {text[:40]!r} is not valid Unicode (a lone surrogate)') from None
+    return text
+
+def _numeric(value, where: str, what: str) -> np.ndarray:
+    "`value` as a float64 array; ThneError if it holds strings, objects or ragged rows."
+    try: array = np.asarray(value)
+    except (ValueError, TypeError): raise ThneError(f"{where}: '{what}' has rows of different lengths") from None
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        try: array = array.astype(np.float64)  # object arrays of numbers are fine
+        except (ValueError, TypeError): raise ThneError(f"{where}: '{what}' must hold numbers, got {array.dtype} values") from None
+    return array.astype(np.float64)
 
 def _read_mmsa_split(split: dict, where: str) -> dict:
     "Check one MMSA split dict and return it in the common plain structure."
@@ -230,8 +255,16 @@ def _read_mmsa_split(split: dict, where: str) -> dict:
         if not isinstance(split[key], np.ndarray) or split[key].ndim != 3:
             shape = getattr(split[key], 'shape', type(split[key]).__name__)
             raise ThneError(f"{where}: '{key}' must be an (N, T, d) array, got {shape}")
+        dtype = split[key].dtype
+        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+            raise ThneError(f"{where}: '{key}' must hold numbers, got {dtype} values")
+        if split[key].shape[2] == 0: raise ThneError(f"{where}: '{key}' has feature size 0")
+    for key in ('raw_text', 'regression_labels', 'text_bert', 'vision_lengths', 'audio_lengths', 'id'):
+        per_clip = isinstance(split.get(key), (list, tuple)) or isinstance(split.get(key), np.ndarray) and split[key].ndim >= 1
+        if key in split and not per_clip:
+            raise ThneError(f"{where}: '{key}' must be an array with one entry per clip, got {type(split[key]).__name__}")
     if 'text_bert' in split:
-        tb = np.asarray(split['text_bert'])
+        tb = _numeric(split['text_bert'], where, 'text_bert')
         if tb.ndim != 3 or tb.shape[1] != 3:
             raise ThneError(f"{where}: 'text_bert' must be (N, 3, L) token ids/mask/segments, got shape {tuple(tb.shape)}")
     count_key = 'regression_labels' if 'regression_labels' in split else 'raw_text'
@@ -242,13 +275,16 @@ def _read_mmsa_split(split: dict, where: str) -> dict:
             raise ThneError(f"{where}: '{key}' has {_rows(split[key])} clips but '{count_key}' has {n}")
     labels = None
     if 'regression_labels' in split:
-        labels = np.asarray(split['regression_labels'], dtype=np.float64).reshape(n, -1)
+        labels = _numeric(split['regression_labels'], where, 'regression_labels').reshape(n, -1)
         if labels.shape[1] != 1: raise ThneError(f"{where}: 'regression_labels' must hold one value per clip, got shape {labels.shape}")
     ids = split.get('id', np.arange(n))
-    extras = {k: np.asarray(v) for k, v in split.items()
-              if k not in _MMSA_KNOWN and isinstance(v, (np.ndarray, list)) and _rows(v) == n}
-    as_text = lambda v: v.decode('utf-8', 'replace') if isinstance(v, bytes) else str(v)
-    return {'text': [as_text(t) for t in split['raw_text']], 'ids': [as_text(i) for i in ids],
+    extras = {}
+    for k, v in split.items():
+        if k in _MMSA_KNOWN or not isinstance(v, (np.ndarray, list)) or _rows(v) != n: continue
+        try: extras[k] = np.asarray(v)
+        except (ValueError, TypeError): pass  # a ragged extra field is not needed for training: skip it
+    text = [_as_text(t, f'{where} raw_text[{i}]') for i, t in enumerate(split['raw_text'])]
+    return {'text': text, 'ids': [_as_text(i, f'{where} id') for i in ids],
             'vision': split['vision'], 'vision_lengths': split.get('vision_lengths'),
             'audio': split['audio'], 'audio_lengths': split.get('audio_lengths'),
             'labels': None if labels is None else labels[:, 0], 'extras': extras}
@@ -277,38 +313,50 @@ def _pad_sequences(seqs: list, dim: int, where: str, what: str):
         if len(s): out[i, :len(s)] = s
     return out, lengths
 
+def _misa_features(value, where: str, what: str) -> np.ndarray:
+    "One record's (L, d) features as float32; an empty sequence in any shape becomes (0, 0) until its d is known."
+    try: x = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError): raise ThneError(f'{where}: {what} features must be an (L, d) array of numbers') from None
+    if x.size == 0: return x.reshape(0, x.shape[-1] if x.ndim == 2 else 0)
+    if x.ndim != 2: raise ThneError(f'{where}: {what} features must be an (L, d) array, got shape {x.shape}')
+    return x
+
 def read_misa_split(records, where: str) -> dict:
-    "One MISA/MMIM split (a list of records) in the common structure."
+    "One MISA/MMIM split (a list of records) in the common structure; empty records are fine anywhere."
     if not isinstance(records, (list, tuple)) or not records:
         raise ThneError(f'{where}: expected a non-empty list of ((word_ids, visual, acoustic, words), label, id) records')
     visual, acoustic, texts, labels, ids, emotions = [], [], [], [], [], []
-    dims = None
     for i, record in enumerate(records):
         if not _is_misa_record(record):
             raise ThneError(f'{where}: record {i} is not ((word_ids, visual, acoustic, words), label, id)')
         (_, v, a, words, *_), label, segment = record
-        v, a = np.asarray(v, dtype=np.float32), np.asarray(a, dtype=np.float32)
-        if v.ndim == 1 and v.size == 0: v = v.reshape(0, dims[0] if dims else 0)
-        if a.ndim == 1 and a.size == 0: a = a.reshape(0, dims[1] if dims else 0)
-        if v.ndim != 2 or a.ndim != 2:
-            raise ThneError(f'{where}: record {i}: visual and acoustic must be (L, d) arrays, got {v.shape} and {a.shape}')
-        if dims is None: dims = (v.shape[1], a.shape[1])
-        if (v.shape[1], a.shape[1]) != dims:
-            raise ThneError(f'{where}: record {i}: feature dims visual {v.shape[1]}/acoustic {a.shape[1]} differ from '
-                            f'record 0 ({dims[0]}/{dims[1]})')
-        y = np.full(1, np.nan) if label is None else np.asarray(label, dtype=np.float64).reshape(-1)
+        visual.append(_misa_features(v, f'{where}: record {i}', 'visual'))
+        acoustic.append(_misa_features(a, f'{where}: record {i}', 'acoustic'))
+        try: y = np.full(1, np.nan) if label is None else np.asarray(label, dtype=np.float64).reshape(-1)
+        except (ValueError, TypeError): raise ThneError(f'{where}: record {i}: label must be a number like [[y]], got {str(label)[:40]!r}') from None
         # MOSEI: sentiment, then six emotions; the official MMIM loader keeps column 0, and so do we
         emotions.append(y[1:] if y.size == 7 else np.full(6, np.nan))
         if y.size == 7: y = y[:1]
         if y.size != 1: raise ThneError(f"{where}: record {i}: label must be a single value like [[y]] (or MOSEI's 7: "
                                         f"sentiment, six emotions), got shape {np.shape(label)}")
-        words = [w.decode() if isinstance(w, bytes) else str(w) for w in np.asarray(words).reshape(-1)]
-        visual.append(v); acoustic.append(a); texts.append(' '.join(words)); labels.append(y[0]); ids.append(str(segment))
+        words = words.reshape(-1) if isinstance(words, np.ndarray) else words if isinstance(words, (list, tuple)) else [words]
+        texts.append(' '.join(_as_text(w, f'{where}: record {i} words') for w in words))
+        labels.append(y[0]); ids.append(_as_text(segment, f'{where}: record {i} id'))
     unlabelled = [i for i, record in enumerate(records) if record[1] is None]
     if unlabelled and len(unlabelled) < len(records):
         raise ThneError(f'{where}: record {unlabelled[0]} has no label (None) but others have one; label all clips or none')
-    vision, vision_lengths = _pad_sequences(visual, dims[0], where, 'visual')
-    audio, audio_lengths = _pad_sequences(acoustic, dims[1], where, 'acoustic')
+    # the feature sizes come from the first record that has frames: an empty record says nothing about them
+    dims = {}
+    for what, frames in (('visual', visual), ('acoustic', acoustic)):
+        first = next((j for j, x in enumerate(frames) if len(x)), None)
+        if first is None: raise ThneError(f'{where}: no record has {what} frames')
+        dims[what] = frames[first].shape[1]
+        for j, x in enumerate(frames):
+            if len(x) and x.shape[1] != dims[what]:
+                raise ThneError(f'{where}: record {j}: {what} feature size {x.shape[1]} differs from record {first} ({dims[what]})')
+        frames[:] = [x if len(x) else np.zeros((0, dims[what]), np.float32) for x in frames]
+    vision, vision_lengths = _pad_sequences(visual, dims['visual'], where, 'visual')
+    audio, audio_lengths = _pad_sequences(acoustic, dims['acoustic'], where, 'acoustic')
     return {'text': texts, 'ids': ids, 'vision': vision, 'vision_lengths': vision_lengths, 'audio': audio,
             'audio_lengths': audio_lengths, 'labels': None if unlabelled else np.array(labels),
             'extras': {'emotions': np.stack(emotions)} if not np.isnan(np.stack(emotions)).all() else {}}
@@ -355,7 +403,10 @@ def minilm_path() -> Path:
 def get_tokenizer(name: str | None = None):
     "A Hugging Face tokenizer: None → the embedded MiniLM one; otherwise a hub name (from the local cache) or a folder."
     from transformers import AutoTokenizer
-    source = str(minilm_path()) if name in (None, 'minilm') else name
+    if name not in (None, 'minilm'):
+        from .encoding import _from_pretrained  # folder, local cache, or the hub after one quick reachability check
+        return _from_pretrained(AutoTokenizer, name)
+    source = str(minilm_path())
     try: return AutoTokenizer.from_pretrained(source)
     except Exception as err:
         raise ThneError(f'{source}: cannot load a tokenizer ({str(err).splitlines()[0] if str(err) else type(err).__name__})') from None
@@ -363,6 +414,11 @@ def get_tokenizer(name: str | None = None):
 def tokenize(texts: list, tokenizer, max_len: int = 50) -> dict:
     "Tokenise all texts at once into right-padded (N, L) long tensors, L = min(longest, max_len)."
     if tokenizer is None or isinstance(tokenizer, str): tokenizer = get_tokenizer(tokenizer)
+    positions = getattr(tokenizer, 'model_max_length', None)
+    positions = positions if isinstance(positions, int) and positions < 1_000_000 else None  # 1e30 means "not set"
+    if max_len < 1: raise ThneError(f'max_text_len={max_len}: must be at least 1')
+    if positions and max_len > positions:
+        raise ThneError(f"max_text_len={max_len}: beyond the {positions} positions of the text model's tokenizer")
     enc = tokenizer(list(texts), padding='longest', truncation=True, max_length=max_len, return_tensors='pt',
                     padding_side='right')
     ids = enc['input_ids'].long()
@@ -421,6 +477,13 @@ def load_dataset(path=None, tokenizer=None, max_text_len: int = 50, name: str | 
                  for_prediction: bool = False) -> MSADataset:
     "Load an MMSA pickle, a MISA/MMIM directory or split file, or (path None/'default') the embedded default."
     # for_prediction: clips without labels, and MMSA files holding only some of the splits, are accepted
+    try: return _load_dataset(path, tokenizer, max_text_len, name, for_prediction)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as err:
+        # the readers check every case we know of; a damaged file can still surprise numpy in a new way
+        detail = str(err).splitlines()[0][:120] if str(err) else ''
+        raise ThneError(f'{path}: unusable data ({type(err).__name__}: {detail})') from None
+
+def _load_dataset(path, tokenizer, max_text_len, name, for_prediction=False) -> MSADataset:
     if path is None or str(path) == 'default':
         raw = make_default()
         meta = raw.pop('thne_nb')
@@ -630,6 +693,11 @@ def plot_dataset(dataset: MSADataset, out=None):
 def write_mmsa(data: dict, out, tokenizer=None, max_text_len: int = 50, protocol: int = 4) -> Path:
     "Write an MMSA-format dict as a pickle (adding `text_bert` if absent); returns the path."
     out = Path(out)
+    if out.is_dir(): raise ThneError(f'{out}: is a directory; give a file name such as {out / "default.pkl"}')
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir(): raise ThneError(f'{out}: {parent} is a file, not a folder')
+            break
     out.parent.mkdir(parents=True, exist_ok=True)
     data = dict(data)
     for split in [s for s in SPLITS if s in data]:  # a file of new clips may hold a single split
@@ -637,7 +705,12 @@ def write_mmsa(data: dict, out, tokenizer=None, max_text_len: int = 50, protocol
             enc = tokenize(list(data[split]['raw_text']), tokenizer, max_text_len)
             data[split] = {**data[split], 'text_bert': torch.stack([enc['input_ids'], enc['attention_mask'],
                                                                      enc['token_type_ids']], 1).numpy()}
-    with open(out, 'wb') as f: pickle.dump(data, f, protocol=protocol)
+    partial = out.with_name(out.name + '.partial')
+    try:
+        with open(partial, 'wb') as f: pickle.dump(data, f, protocol=protocol)
+        os.replace(partial, out)  # a full disk or an interruption leaves no truncated pickle under the real name
+    except OSError as err: raise ThneError(f'{out}: cannot write ({err.strerror or err}); nothing was written') from None
+    finally: partial.unlink(missing_ok=True)
     return out
 
 def _mosei_sized(clips: int, seed: int = 0, audio_shape=(500, 74), vision_shape=(375, 35)) -> dict:
@@ -713,6 +786,7 @@ def _cli_inspect(args) -> int:
     return 0
 
 def _cli_synth(args) -> int:
+    if args.seed < 0: raise ThneError(f'--seed {args.seed}: must not be negative')
     data = make_default(n_clips=args.clips, seed=args.seed, intra_noise=args.intra_noise, inter_noise=args.inter_noise)
     out = write_mmsa(data, args.out)
     sizes = ', '.join(f'{s} {len(data[s]["regression_labels"])}' for s in SPLITS)
@@ -720,6 +794,7 @@ def _cli_synth(args) -> int:
     return 0
 
 def _cli_bench(args) -> int:
+    if args.clips < 100: raise ThneError(f'--clips {args.clips}: the benchmark needs at least 100 clips (three splits of MOSEI proportions)')
     r = bench_memory(clips=args.clips, workdir=args.workdir)
     gib = lambda b: f'{b / 2**30:.2f} GiB'
     print(f"clips {r['clips']}: arrays {gib(r['array_bytes'])}, file {gib(r['file_bytes'])}, peak RSS {gib(r['peak_rss'])} "

@@ -48,6 +48,17 @@ def _parse_value(key: str, text: str, hint):
     if hint is str: return raw
     raise ThneError(f"{key}={text}: cannot parse a value of type {hint}")
 
+def _fits(value, hint) -> bool:
+    "Whether `value` (as read back from JSON or set in Python) has the annotated type `hint`; bools are not numbers."
+    if typing.get_origin(hint) in (typing.Union, types.UnionType): return any(_fits(value, a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        element = (typing.get_args(hint) or (object,))[0]
+        return isinstance(value, (tuple, list)) and all(_fits(v, element) for v in value)
+    if hint is type(None): return value is None
+    if hint is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int: return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
 # %% ../nbs/05_model.ipynb #29124df8
 # The fields that take one of a few words, and the words.
 CHOICES = {'optimizer': ('adam', 'adamw'), 'lr_scheduler': ('none', 'plateau'), 'init': ('default', 'xavier'),
@@ -137,9 +148,18 @@ class Config:
 
     def validate(self) -> 'Config':
         "Raise ThneError on values no run could use; returns self."
+        # types first: a hand-edited config.json can hold anything JSON can
+        for name, hint in self._hints().items():
+            value = getattr(self, name)
+            if not _fits(value, hint):
+                raise ThneError(f"{name}={repr(value)[:60]}: expected {hint.__name__ if isinstance(hint, type) else hint}")
+            if isinstance(value, float) and not math.isfinite(value): raise ThneError(f"{name}={value}: must be a finite number")
         for name in ('batch_size', 'max_text_len', 'hidden_v', 'hidden_a', 'd_fusion', 'fusion_layers', 'd_mi_hidden'):
             if getattr(self, name) < 1: raise ThneError(f"{name}={getattr(self, name)}: must be at least 1")
-        for name in ('lr_main', 'lr_text', 'weight_decay', 'alpha', 'beta', 'grad_clip', 'epochs', 'patience', 'num_workers'):
+        if self.patience < 1:
+            raise ThneError(f"patience={self.patience}: must be at least 1 (epochs without a better validation MAE before "
+                            "training stops; set it to epochs or more to never stop early)")
+        for name in ('lr_main', 'lr_text', 'weight_decay', 'alpha', 'beta', 'grad_clip', 'epochs', 'num_workers'):
             if getattr(self, name) < 0: raise ThneError(f"{name}={getattr(self, name)}: must not be negative")
         if not 0 <= self.dropout < 1: raise ThneError(f"dropout={self.dropout}: must be in [0, 1)")
         for name, allowed in CHOICES.items():
@@ -148,6 +168,8 @@ class Config:
         if self.lr_patience < 0: raise ThneError(f"lr_patience={self.lr_patience}: must not be negative")
         if not 0 < self.lr_factor < 1: raise ThneError(f"lr_factor={self.lr_factor}: must be in (0, 1)")
         if not self.seeds: raise ThneError("seeds: at least one seed is needed")
+        bad_seeds = [s for s in self.seeds if not 0 <= s < 2**32]
+        if bad_seeds: raise ThneError(f"seeds: {bad_seeds[0]} is outside 0..{2**32 - 1}, the seeds NumPy accepts")
         return self
 
 # %% ../nbs/05_model.ipynb #4d66fd5f

@@ -226,6 +226,7 @@ def grid_points(grid=PAPER_GRID, restrict=None, max_points=None, order_seed: int
     axes = {**grid, **(restrict or {})}
     points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     random.Random(order_seed).shuffle(points)
+    if max_points is not None and max_points < 1: raise ThneError(f'--max-points {max_points}: must be at least 1')
     return points[:max_points] if max_points else points
 
 def point_config(base, point: dict):

@@ -78,7 +78,7 @@ def train_trial(spec: TrialSpec, dataset=None, device=None) -> dict:
     started, trained_now = time.perf_counter(), not seed_finished(spec.run_dir, spec.seed)
     with seed_lock(spec.seed_dir):
         result = train_mod.train_seed(cfg, data, spec.seed, spec.seed_dir, train_mod.resolve_device(cfg.device),
-                                      resume=True, progress=False)
+                                      resume=True, progress=False, data_fingerprint=train_mod.data_fingerprint(data))
     seconds = time.perf_counter() - started
     seeds = spec.cfg.seeds
     wrote_run = all(seed_finished(spec.run_dir, s) for s in seeds) and finish_run(spec.cfg, spec.run_dir, seeds, data, device)
