@@ -216,8 +216,8 @@ def _config_class(model: str) -> type:
     if declared is not Config: return declared
     return next((type(c) for c in CONFIGS.values() if c.model == model), Config)
 
-def build_model(cfg: Config, dims: dict) -> 'MSAModel':
-    "Instantiate `cfg.model` for data with feature sizes `dims = {'vision': d_v, 'audio': d_a}`."
+def build_model(cfg: Config, dims: dict) -> nn.Module:
+    "Instantiate `cfg.model` (an `MSAModel`) for data with feature sizes `dims = {'vision': d_v, 'audio': d_a}`."
     for key in ('vision', 'audio'):
         if not isinstance(dims.get(key), int) or dims[key] < 1:
             raise ThneError(f"dims: need a positive integer feature size for '{key}', got {dims.get(key)!r}")
