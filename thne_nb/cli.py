@@ -10,7 +10,7 @@ import argparse, importlib, sys
 from .data import ThneError
 
 # %% ../nbs/99_cli.ipynb #15b42772
-COMMAND_MODULES = ('thne_nb.data', 'thne_nb.train', 'thne_nb.reproduce')
+COMMAND_MODULES = ('thne_nb.data', 'thne_nb.train', 'thne_nb.reproduce', 'thne_nb.robustness')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `thne` argument parser, with the sub-commands of every chapter."
