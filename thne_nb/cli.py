@@ -10,7 +10,7 @@ import argparse, importlib, os, sys
 from .data import ThneError
 
 # %% ../nbs/99_cli.ipynb #15b42772
-COMMAND_MODULES = ('thne_nb.data', 'thne_nb.train', 'thne_nb.reproduce', 'thne_nb.predict')
+COMMAND_MODULES = ('thne_nb.data', 'thne_nb.train', 'thne_nb.reproduce', 'thne_nb.robustness', 'thne_nb.predict')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `thne` argument parser, with the sub-commands of every chapter."

@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['LABEL_RANGES', 'SPLITS', 'ThneError', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset', 'replace_nonfinite',
-           'normalise_padding', 'read_mmsa', 'read_misa_split', 'read_misa_dir', 'detect_name', 'minilm_path',
-           'get_tokenizer', 'tokenize', 'unlabelled_error', 'build_dataset', 'load_dataset', 'check_vocabulary',
-           'SplitDataset', 'make_loader', 'make_default', 'repo_root', 'plot_dataset', 'write_mmsa', 'bench_memory',
-           'register_cli']
+__all__ = ['LABEL_RANGES', 'SPLITS', 'SIGNAL_ENVELOPE', 'ThneError', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset',
+           'replace_nonfinite', 'normalise_padding', 'read_mmsa', 'read_misa_split', 'read_misa_dir', 'detect_name',
+           'minilm_path', 'get_tokenizer', 'tokenize', 'unlabelled_error', 'build_dataset', 'load_dataset',
+           'check_vocabulary', 'SplitDataset', 'make_loader', 'make_default', 'repo_root', 'plot_dataset', 'write_mmsa',
+           'bench_memory', 'register_cli']
 
 # %% ../nbs/00_data.ipynb #2a3035f6
 class ThneError(Exception):
@@ -603,6 +603,10 @@ def _envelope(rng, T: int, n_bursts: int) -> np.ndarray:
     centres, widths = rng.uniform(0, T, n_bursts), T * rng.uniform(0.05, 0.15, n_bursts) + 1
     return 0.2 + (rng.uniform(0.7, 1.3, n_bursts) * np.exp(-0.5 * ((k - centres) / widths) ** 2)).sum(1)
 
+# A step "carries the signal" when its envelope is at least 5x the 0.2 baseline (near a burst's peak, where the
+# signal outweighs the frame noise) and it expresses the clip's own sentiment; contradicting segments do not.
+SIGNAL_ENVELOPE = 1.0
+
 def _contradiction(rng, y: float) -> float:
     "A sentiment clearly at odds with label y."
     return -y if abs(y) >= 1 else float(-np.sign(y or 1) * rng.uniform(1.5, 2.5))
@@ -645,6 +649,7 @@ def make_default(n_clips: int = 1200, seed: int = 0, intra_noise: float = 0.2, i
         for name, m in modality.items():
             lengths = np.clip((n_words * rng.uniform(2.5, 7, n)).astype(int), min_frames, max_frames)
             x = np.zeros((n, max_frames, m['dim']), np.float32)
+            carries_signal = np.zeros((n, max_frames), bool)  # computed from draws already made: x is unchanged
             for i in range(n):
                 T = lengths[i]
                 env = _envelope(rng, T, int(rng.integers(2, 5)))
@@ -657,7 +662,8 @@ def make_default(n_clips: int = 1200, seed: int = 0, intra_noise: float = 0.2, i
                     env += 1.2 * np.exp(-0.5 * ((np.arange(T) - start - seg / 2) / (seg / 4)) ** 2)
                 signal = env[:, None] * (m['gain'] * expressed[:, None] / 3 * m['w'] + m['arousal'] * np.abs(expressed[:, None]) / 3 * m['u'])
                 x[i, :T] = m['offset'] * rng.standard_normal(m['dim']) + m['noise'] * rng.standard_normal((T, m['dim'])) + signal
-            arrays[name], arrays[f'{name}_lengths'] = x, lengths
+                carries_signal[i, :T] = (env >= SIGNAL_ENVELOPE) & (expressed == y[i])
+            arrays[name], arrays[f'{name}_lengths'], arrays[f'{name}_signal'] = x, lengths, carries_signal
         out[split] = {'raw_text': np.array(text, dtype=object), **arrays, 'regression_labels': y.astype(np.float32),
                       'id': np.array([f'synth{seed}_{split}_{i:04d}' for i in range(n)], dtype=object),
                       'noise': noise.astype(str), 'text_grade': grade.astype(np.int64)}

@@ -174,6 +174,9 @@ def write_artefacts(run_dirs: dict, results_dir, figures_dir, dataset_loader=Non
         figures['Figure 3'] = 'fig3_loss_tracing'
     files += _save_and_close(results.attention_heatmap(runs[FULL], dataset=dataset), figures_dir/'attention_heatmap')
     figures['Eq. 2 attention heatmap'] = 'attention_heatmap'
+    from thne_nb import robustness  # chapter 12: the same runs under corrupted vision/audio, inference only
+    files += robustness.write_study(run_dirs, results_dir, figures_dir, dataset_for=dataset_loader, reference=FULL, log=log)
+    figures['Robustness to corrupted visual/acoustic streams (chapter 12)'] = 'robustness'
     files.append(_write_report(tables, figures, run_dirs, results_dir, figures_dir))
     for path in files: log(f'wrote  {path}')
     return files
