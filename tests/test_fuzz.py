@@ -7,16 +7,16 @@ it never ends in a traceback, never runs code from a file, and never changes an 
 Profiles (choose with HYPOTHESIS_PROFILE): `ci` (default, bounded and deterministic; what CI runs) and `long`
 (random, 20x more cases, for a night: `HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py`).
 """
-import contextlib, hashlib, io, json, os, pickle, random, shutil, subprocess
+import hashlib, json, os, pickle, random, shutil, subprocess
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from thne_nb.cli import main
 from thne_nb.data import ThneError, make_default, write_mmsa
 from thne_nb.model import Config, get_config
+from conftest import thne
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                                      HealthCheck.data_too_large, HealthCheck.filter_too_much])
@@ -26,13 +26,6 @@ settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 
 
 # ---------------------------------------------------------------- the property
-def thne(*argv):
-    "Run `thne ARGV` in process; (exit status, stdout, stderr). Any exception other than SystemExit fails the test."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: main([str(a) for a in argv]); status = 0
-        except SystemExit as done: status = done.code
-    return status, out.getvalue(), err.getvalue()
 
 
 def digest(path):

@@ -9,20 +9,7 @@ import torch
 
 from thne_nb.cli import main
 from thne_nb.data import SPLITS, make_default, write_mmsa
-
-
-def run_cli(argv, capsys):
-    "Run `thne ARGV` in process; (exit status, stdout, stderr)."
-    with pytest.raises(SystemExit) as exit_info: main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_one_line_error(status, err, *fragments):
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('thne: error: '), err
-    for fragment in fragments: assert fragment in lines[0], (fragment, lines[0])
+from conftest import run_cli, assert_one_line_error
 
 
 def without_labels(split: dict) -> dict:

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from thne_nb.cli import main
 from thne_nb.cpc import CPC
 from thne_nb.data import ThneError, load_dataset, make_default, write_mmsa, SPLITS
 from thne_nb.encoding import load_tokenizer
@@ -18,15 +17,10 @@ from thne_nb.baselines.mcen import MCENConfig
 from thne_nb.reproduce import plan_runs
 from thne_nb.train import (RECIPE_LEDGER, ConstantRate, clipped_parameters, configure_determinism, cpu_bf16,
                            autocast_for, ledger_markdown, make_optimizers, train)
+from conftest import run_cli
 
 DIMS = {'vision': 20, 'audio': 5}
 OFFICIAL_RECIPE = ('mosi', 'mosei', 'sims', 'mmim-mosi', 'mmim-mosei', 'mmim-sims', 'mcen-mosi', 'mcen-mosei', 'mcen-sims')
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info: main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 # --- configuration ------------------------------------------------------------------------------------------------

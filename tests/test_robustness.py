@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use('Agg')
 
 from thne_nb import robustness as rob, train, reproduce
-from thne_nb.cli import main
 from thne_nb.data import SPLITS, ThneError, make_default, write_mmsa
 from thne_nb.model import get_config
+from conftest import run_cli, assert_one_line_error
 
 SEEDS = (1111, 1112)
 
@@ -32,19 +32,6 @@ def small(tmp_path_factory):
         runs[label] = root/label
         train.train(get_config(config), runs[label], dataset=dataset, seeds=SEEDS, device='cpu', progress=False)
     return root, path, dataset, runs
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as stop: main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return stop.value.code, out, err
-
-
-def assert_one_line_error(status, err, *fragments):
-    assert status == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('thne: error: '), err
-    for fragment in fragments: assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_severity_zero_reproduces_each_runs_test_metrics_exactly(small):

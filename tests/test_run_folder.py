@@ -1,24 +1,15 @@
 """A run folder never lies: refusals write nothing, one training per folder, a data fingerprint, atomic files, and an
 exact resume after being killed at random moments. Tiny config, 40 synthetic clips."""
-import contextlib, errno, io, json, os, pickle, random, shutil, signal, subprocess, sys, time
+import errno, json, os, pickle, random, shutil, signal, subprocess, sys, time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from thne_nb.cli import main
 from thne_nb.data import ThneError, make_default, write_mmsa
 from thne_nb.train import RunFolder, _atomic_save, load_for_config, read_run, train
-
-
-def thne(*argv):
-    "`thne ARGV` in process: (exit status, stdout, stderr)."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: main([str(a) for a in argv]); status = 0
-        except SystemExit as done: status = done.code
-    return status, out.getvalue(), err.getvalue()
+from conftest import thne
 
 
 def one_line_error(result, *fragments):
@@ -36,13 +27,6 @@ def train_args(data, out, *extra):
 def snapshot(folder):
     "Every file under `folder` (but the lock) with its bytes."
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file() and p.name != '.lock'}
-
-
-@pytest.fixture(scope='module')
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp('data') / 'small.pkl'
-    write_mmsa(make_default(n_clips=40, seed=0), path)
-    return path
 
 
 @pytest.fixture(scope='module')

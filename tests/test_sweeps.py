@@ -27,15 +27,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope='module')
-def small_data(tmp_path_factory):
-    "40 clips of the embedded default's generator as an MMSA pickle: trials load it by path, as on a cluster."
-    path = tmp_path_factory.mktemp('data') / 'small.pkl'
-    with pytest.raises(SystemExit) as exit_info: main(['data', 'synth', str(path), '--clips', '40'])
-    assert exit_info.value.code == 0
-    return path
-
-
 def run_metrics(run_dir):
     return json.loads((run_dir / 'metrics.json').read_text())
 

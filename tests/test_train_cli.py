@@ -6,29 +6,7 @@ import pytest
 import torch
 
 from thne_nb.cli import main
-
-
-def run_cli(argv, capsys):
-    "Run `thne ARGV` in process; (exit status, stdout, stderr)."
-    with pytest.raises(SystemExit) as exit_info: main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_one_line_error(status, err, *fragments):
-    assert status == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('thne: error: '), err
-    for fragment in fragments: assert fragment in lines[0], (fragment, lines[0])
-
-
-@pytest.fixture(scope='module')
-def small_data(tmp_path_factory):
-    "The embedded default's generator at 40 clips (24 train, 4 valid, 12 test), as an MMSA pickle."
-    path = tmp_path_factory.mktemp('data') / 'small.pkl'
-    with pytest.raises(SystemExit) as exit_info: main(['data', 'synth', str(path), '--clips', '40'])
-    assert exit_info.value.code == 0
-    return path
+from conftest import run_cli, assert_one_line_error
 
 
 def train_args(data, out, *extra):
