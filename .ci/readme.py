@@ -8,7 +8,7 @@ root = Path(__file__).resolve().parent.parent
 
 def render(nb_path):
     cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
-    parts = []
+    parts, prev = [], None
     for cell in cells:
         src = ''.join(cell['source'])
         lines = src.splitlines()
@@ -17,7 +17,11 @@ def render(nb_path):
         body = '\n'.join(l for l in lines if not l.startswith('#|')).strip()
         if not body: continue
         if cell['cell_type'] == 'markdown': parts.append(body)
-        elif cell['cell_type'] == 'code': parts.append(f'```python\n{body}\n```')
+        elif cell['cell_type'] == 'code':
+            # an import cell and the code after it (split so the docs build runs only the imports) read as one block
+            if parts and parts[-1].startswith('```python\n') and prev == 'code': parts[-1] = parts[-1][:-4] + f'\n\n{body}\n```'
+            else: parts.append(f'```python\n{body}\n```')
+        prev = cell['cell_type']
     return '<!-- Generated from nbs/index.ipynb by .ci/readme.py: edit the notebook, not this file. -->\n\n' + '\n\n'.join(parts) + '\n'
 
 if __name__ == '__main__':
