@@ -13,17 +13,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .core import ThneError, repo_root
+
 # %% auto #0
-__all__ = ['LABEL_RANGES', 'SPLITS', 'SIGNAL_ENVELOPE', 'ThneError', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset',
+__all__ = ['LABEL_RANGES', 'SPLITS', 'SIGNAL_ENVELOPE', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset',
            'replace_nonfinite', 'normalise_padding', 'read_mmsa', 'read_misa_split', 'read_misa_dir', 'detect_name',
            'minilm_path', 'get_tokenizer', 'tokenize', 'unlabelled_error', 'build_dataset', 'load_dataset',
-           'check_vocabulary', 'SplitDataset', 'make_loader', 'make_default', 'repo_root', 'plot_dataset', 'write_mmsa',
+           'check_vocabulary', 'SplitDataset', 'make_loader', 'make_default', 'plot_dataset', 'write_mmsa',
            'bench_memory', 'register_cli']
-
-# %% ../nbs/00_data.ipynb #2a3035f6
-class ThneError(Exception):
-    "A problem the user can fix (bad file, bad argument); its message is one line naming the thing and the problem."
-    def __str__(self): return ' '.join(super().__str__().splitlines())  # a file name or value may hold a newline
 
 # %% ../nbs/00_data.ipynb #9b57e80f
 _NUMPY_INTERNALS = {('multiarray', '_reconstruct'), ('multiarray', 'scalar'), ('numeric', '_frombuffer')}
@@ -670,11 +667,6 @@ def make_default(n_clips: int = 1200, seed: int = 0, intra_noise: float = 0.2, i
     return out
 
 # %% ../nbs/00_data.ipynb #26b11b79
-def repo_root(start=None) -> Path:
-    "The repository root (the folder holding settings.ini) above `start`, else the current directory."
-    here = Path(start or Path.cwd()).resolve()
-    return next((p for p in [here, *here.parents] if (p/'settings.ini').exists()), here)
-
 def plot_dataset(dataset: MSADataset, out=None):
     "Label distribution and sequence lengths per split; saved to `out` when given. Returns the figure."
     import matplotlib
