@@ -89,32 +89,6 @@ class Config:
         "Plain JSON-able dict (tuples become lists)."
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> 'Config':
-        "Inverse of `to_dict`; on `Config` itself, picks the subclass registered for `d['model']`."
-        if cls is Config and d.get('model', 'thne') != 'thne': cls = _config_class(d['model'])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown: raise ThneError(f"{cls.__name__}: unknown config key(s) {', '.join(unknown)}")
-        return cls(**d).validate()
-
-    def replace(self, **changes) -> 'Config':
-        "A copy with some fields changed."
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown: raise ThneError(f"{type(self).__name__}: unknown config key(s) {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes).validate()
-
-    def set_from_strings(self, assignments) -> 'Config':
-        "Apply 'key=value' strings in place, parsing each value by its field's type; returns self."
-        hints, names = self._hints(), [f.name for f in dataclasses.fields(self)]
-        for item in assignments:
-            key, sep, text = item.partition('=')
-            key = key.strip()
-            if not sep: raise ThneError(f"{item}: expected key=value")
-            if key not in names: raise ThneError(f"{key}: unknown config key (known: {', '.join(names)})")
-            setattr(self, key, _parse_value(key, text, hints[key]))
-        return self.validate()
-
     def validate(self) -> 'Config':
         "Raise ThneError on values no run could use; returns self."
         return _validate(self)
@@ -145,6 +119,43 @@ def _validate(self: Config) -> Config:
     bad_seeds = [s for s in self.seeds if not 0 <= s < 2**32]
     if bad_seeds: raise ThneError(f"seeds: {bad_seeds[0]} is outside 0..{2**32 - 1}, the seeds NumPy accepts")
     return self
+
+# %% ../nbs/05a_config.ipynb #81098daa
+def _method_of(cls: type, name: str):
+    "Attach the decorated function to `cls` as method `name`, so that a long class can be told in several cells."
+    def attach(f):
+        setattr(cls, name, f)
+        return f
+    return attach
+
+@_method_of(Config, 'from_dict')
+@classmethod
+def _from_dict(cls, d: dict) -> 'Config':
+    "Inverse of `to_dict`; on `Config` itself, picks the subclass registered for `d['model']`."
+    if cls is Config and d.get('model', 'thne') != 'thne': cls = _config_class(d['model'])
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown: raise ThneError(f"{cls.__name__}: unknown config key(s) {', '.join(unknown)}")
+    return cls(**d).validate()
+
+@_method_of(Config, 'replace')
+def _replace(self, **changes) -> 'Config':
+    "A copy with some fields changed."
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+    if unknown: raise ThneError(f"{type(self).__name__}: unknown config key(s) {', '.join(unknown)}")
+    return dataclasses.replace(self, **changes).validate()
+
+@_method_of(Config, 'set_from_strings')
+def _set_from_strings(self, assignments) -> 'Config':
+    "Apply 'key=value' strings in place, parsing each value by its field's type; returns self."
+    hints, names = self._hints(), [f.name for f in dataclasses.fields(self)]
+    for item in assignments:
+        key, sep, text = item.partition('=')
+        key = key.strip()
+        if not sep: raise ThneError(f"{item}: expected key=value")
+        if key not in names: raise ThneError(f"{key}: unknown config key (known: {', '.join(names)})")
+        setattr(self, key, _parse_value(key, text, hints[key]))
+    return self.validate()
 
 # %% ../nbs/05a_config.ipynb #11ae5daa
 MODELS: dict[str, type] = {}

@@ -21,7 +21,8 @@ from .cpc import CPC
 # `model.get_config`, `model.build_model`, ... working for every caller.
 from .config import (CHOICES, CONFIGS, MODELS, PRESET_NOTES, Config, available_configs, build_model,
                             describe_config, get_config, initialise_parameters, register_config, register_model,
-                            _config_class, _fits, _load_plugins, _model_class, _parse_value, _PLUGIN_MODULES)
+                            _config_class, _fits, _load_plugins, _model_class, _parse_value, _PLUGIN_MODULES,
+                            _method_of)
 
 # %% ../nbs/05_model.ipynb #74c7ee8b
 @dataclass
@@ -174,14 +175,6 @@ class THNE(MSAModel):
         "Eq. 7 loss and the (B,) scores of Eq. 6 from one (B,B) cosine matrix."
         cosines = head.cosine_matrix(F, h)
         return head.nce(cosines), cosines.diagonal().detach().exp()
-
-# %% ../nbs/05_model.ipynb #780ca9b0
-def _method_of(cls: type, name: str):
-    "Attach the decorated function to `cls` as method `name`, so that a long class can be told in several cells."
-    def attach(f):
-        setattr(cls, name, f)
-        return f
-    return attach
 
 # %% ../nbs/05_model.ipynb #767a1b07
 @_method_of(THNE, 'forward')
