@@ -1,12 +1,13 @@
 "Integration tests of thne_nb.model: presets, overrides, registry, and a forward pass free of host synchronisation."
-import contextlib, importlib, json
+import contextlib, importlib, json, subprocess, sys
 
 import pytest
 import torch
 from torch import nn
 
-from thne_nb.data import ThneError
-from thne_nb.model import (Config, THNE, build_model, example_batch, get_config, available_configs, MODELS)
+from thne_nb.core import ThneError
+from thne_nb.model import (Config, THNE, build_model, example_batch, get_config, available_configs, MODELS,
+                           architecture_boxes)
 from thne_nb.encoding import SequenceEncoder
 
 DIMS = {'vision': 20, 'audio': 5}
@@ -53,6 +54,28 @@ def test_baseline_presets_resolve_lazily():
 def test_unknown_model_and_bad_dims():
     with pytest.raises(ThneError, match='unknown model'): build_model(Config(model='nope'), DIMS)
     with pytest.raises(ThneError, match='vision'): build_model(get_config('tiny'), {'audio': 5})
+
+
+def test_config_module_stands_alone_and_model_reexports_it():
+    "thne_nb.config never imports the model at load time, yet its registry builds t-HNE on demand."
+    code = ("import sys, thne_nb.config as c; assert 'thne_nb.model' not in sys.modules; "
+            "m = c.build_model(c.get_config('tiny'), {'vision': 3, 'audio': 4}); print(type(m).__name__)")
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == 'THNE', done.stderr[-2000:]
+    from thne_nb import config, model
+    for name in ('Config', 'CONFIGS', 'MODELS', 'CHOICES', 'PRESET_NOTES', 'get_config', 'build_model', 'available_configs',
+                 'describe_config', 'register_model', 'register_config', 'initialise_parameters', '_config_class', '_load_plugins'):
+        assert getattr(model, name) is getattr(config, name), name
+
+
+def test_architecture_boxes_are_the_submodules():
+    for switches in ({}, {'use_deno1': False}, {'use_re': False, 'probe_text': False}, {'residual': True}):
+        cfg = get_config('tiny').replace(**switches)
+        model = THNE(cfg, DIMS, text_encoder=BagOfWordsText())
+        boxes = architecture_boxes(model)
+        assert set(boxes) == {n for n, _ in model.named_children()}
+        assert f'{16 + cfg.hidden_v + cfg.hidden_a} → F ∈ R^{cfg.d_fusion}' in boxes['fusion']['label']
+        if cfg.use_deno1: assert boxes['attend_v']['eq'] == ('Eq. 10' if cfg.residual else 'Eq. 2')
 
 
 @contextlib.contextmanager
