@@ -359,3 +359,16 @@ def test_default_noise_fractions(intra, inter):
 
 def test_default_rejects_impossible_noise():
     expect_error(lambda: make_default(intra_noise=0.8, inter_noise=0.4), 'noise fractions')
+
+
+def test_moved_names_stay_importable_from_data():
+    "make_default moved to thne_nb.synthetic and tokenizer lookup to thne_nb.encoding; the old names still work."
+    import subprocess, sys
+    from thne_nb import data, encoding, synthetic
+    assert data.make_default is synthetic.make_default and data.plot_dataset is synthetic.plot_dataset
+    assert data.SIGNAL_ENVELOPE == synthetic.SIGNAL_ENVELOPE
+    assert data.get_tokenizer(None) is encoding.get_tokenizer() is encoding.get_tokenizer('minilm')
+    assert data.minilm_path() == encoding.embedded_model_dir() == encoding.minilm_path()
+    # reading arrays must not pull in transformers: the text model is only looked up when text is tokenised
+    code = 'import sys, thne_nb.data, thne_nb.synthetic; print("transformers" in sys.modules)'
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip() == 'False'
