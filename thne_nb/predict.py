@@ -408,7 +408,7 @@ def _cmd_predict(args):
 
 def _cmd_export(args):
     out = export(args.run_dir, args.out, args.seed)
-    payload = json.loads((out/'config.json').read_text())
+    payload = read_json(out/'config.json')
     size = (out/WEIGHTS_NAME).stat().st_size / 2**20
     print(f"exported seed {payload['seed']} of {args.run_dir} to {out}: {WEIGHTS_NAME} ({size:.1f} MiB), config.json, "
           f"tokenizer/, metrics.json, README.md")
