@@ -164,7 +164,7 @@ def test_bad_run_directory_is_one_line_error(tmp_path):
     with pytest.raises(ThneError, match='metrics.json: missing') as err: results.read_run(tmp_path/'run')
     assert '\n' not in str(err.value)
     (tmp_path/'run'/'metrics.json').write_text('{not json')
-    with pytest.raises(ThneError, match='not valid JSON'): results.read_run(tmp_path/'run')
+    with pytest.raises(ThneError, match='unreadable JSON'): results.read_run(tmp_path/'run')
 
 
 def test_grid_selects_on_validation_and_resumes(tiny_data, tmp_path, monkeypatch):

@@ -14,11 +14,12 @@ import torch.nn.functional as nnf
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
 
 from . import __version__
-from .data import LABEL_RANGES, MSADataset, SplitData, ThneError, load_dataset, make_loader
+from .core import ThneError, one_line, read_json, to_jsonable, write_json
+from .data import LABEL_RANGES, MSADataset, SplitData, load_dataset, make_loader
 from .encoding import load_tokenizer
 from .metrics import SIMS_BOUNDARIES, SIMS_NAMES, compute_metrics
 from .model import Config, MSAModel, available_configs, build_model, describe_config
-from .train import _plain, _positive_int, _write_json, autocast_for, load_run, read_run, resolve_device, to_device
+from .train import _positive_int, autocast_for, load_run, read_run, resolve_device, to_device
 
 WEIGHTS_NAME = 'model.safetensors'  # the file name Hugging Face tools look for
 
@@ -225,9 +226,8 @@ def bare_model(cfg: Config, dims: dict, text_config: dict | None = None) -> MSAM
 def _read_payload(folder: Path) -> dict:
     path = folder/'config.json'
     if not path.is_file(): raise ThneError(f'{folder}: no config.json (not a folder written by thne export)')
-    try: payload = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err: raise ThneError(f'{path}: not valid JSON ({err})') from None
-    if not isinstance(payload, dict) or payload.get('format') != 'thne_nb' or not isinstance(payload.get('config'), dict):
+    payload = read_json(path)
+    if payload.get('format') != 'thne_nb' or not isinstance(payload.get('config'), dict):
         raise ThneError(f"{path}: not a thne_nb model config (no 'format': 'thne_nb' and 'config')")
     dims = payload.get('dims')
     if not (isinstance(dims, dict) and all(isinstance(dims.get(k), int) and dims[k] > 0 for k in ('vision', 'audio'))):
@@ -239,8 +239,7 @@ def _load_weights(model: MSAModel, path: Path, device: str = 'cpu') -> None:
     if not path.is_file(): raise ThneError(f'{path}: missing (the weights of an exported model)')
     try: load_model(model, str(path), strict=True, device=device)
     except Exception as err:  # safetensors and torch report a bad file or a shape mismatch with many exception types
-        message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ThneError(f'{path}: does not fit the model described in config.json ({message})') from None
+        raise ThneError(f'{path}: does not fit the model described in config.json ({one_line(err, 200)})') from None
 
 def _load_tokenizer_folder(folder: Path):
     from transformers import AutoTokenizer
@@ -286,10 +285,10 @@ class PretrainedModel(ModelHubMixin, library_name='thne_nb', repo_url='https://g
         from safetensors.torch import save_model
         folder = Path(save_directory)
         save_model(self.model, str(folder/WEIGHTS_NAME), metadata={'format': 'pt'})
-        _write_json(self.payload(), folder/'config.json')
+        write_json(self.payload(), folder/'config.json')
         self.tokenizer.save_pretrained(str(folder/'tokenizer'))
         metrics = {k: self.info[k] for k in ('dataset', 'seed', 'test', 'valid', 'run_mean', 'run_std', 'baseline_constant') if k in self.info}
-        _write_json(metrics, folder/'metrics.json')
+        write_json(metrics, folder/'metrics.json')
         self.generate_model_card().save(folder/'README.md')
 
     @classmethod
@@ -371,7 +370,7 @@ def export(run_dir, out, seed: int | None = None) -> Path:
             'test': summary['seeds'][str(seed)], 'valid': (summary.get('valid') or {}).get(str(seed)),
             'run_mean': summary.get('mean'), 'run_std': summary.get('std'), 'baseline_constant': summary.get('baseline_constant'),
             'params': summary.get('params')}
-    PretrainedModel(model, load_tokenizer(cfg.text_model), _plain(info)).save_pretrained(out)
+    PretrainedModel(model, load_tokenizer(cfg.text_model), to_jsonable(info)).save_pretrained(out)
     return out
 
 # %% ../nbs/13_predict.ipynb #c8441b8d
@@ -409,7 +408,7 @@ def _cmd_predict(args):
 
 def _cmd_export(args):
     out = export(args.run_dir, args.out, args.seed)
-    payload = json.loads((out/'config.json').read_text())
+    payload = read_json(out/'config.json')
     size = (out/WEIGHTS_NAME).stat().st_size / 2**20
     print(f"exported seed {payload['seed']} of {args.run_dir} to {out}: {WEIGHTS_NAME} ({size:.1f} MiB), config.json, "
           f"tokenizer/, metrics.json, README.md")
@@ -419,6 +418,7 @@ def _cmd_configs(args):
     width = max(map(len, table.config))
     for name, description in zip(table.config, table.description): print(f'{name:<{width}}  {description}')
 
+# %% ../nbs/13_predict.ipynb #9f1dec17
 def register_cli(subparsers) -> None:
     "Add `thne predict`, `thne export` and `thne configs`."
     p = subparsers.add_parser('predict', help='predict clips, with or without labels, with a run or an exported model')

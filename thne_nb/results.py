@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_results.ipynb #3d8142be
 from __future__ import annotations
-import json, math
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,24 +12,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .data import ThneError
+from .core import ThneError, read_json, save_figure  # save_figure re-exported: reproduce and robustness call results.save_figure
 from .train import read_history
 
 # %% auto #0
 __all__ = ['TABLE_METRICS', 'PAPER_SOURCES', 'REPORTED_TABLE3', 'REPORTED_TABLE4_MOSEI', 'LOSS_LABELS', 'LOSS_WEIGHTS',
-           'CASE_RULES', 'NOISE_WORDS', 'Run', 'read_run', 'take_rows', 'Metric', 'metric_frame', 'summarize',
-           'markdown_table', 'latex_escape', 'latex_cell', 'latex_table', 'ResultTable', 'reported_table3',
+           'CASE_RULES', 'NOISE_WORDS', 'Run', 'read_run', 'take_rows', 'Metric', 'metric_frame', 'seed_statistics',
+           'summarize', 'markdown_table', 'latex_escape', 'latex_cell', 'latex_table', 'ResultTable', 'reported_table3',
            'reported_table4', 'table3', 'paired_test', 'significant', 'table4', 'metrics_caption', 'plot_loss_tracing',
-           'save_figure', 'modality_notes', 'select_cases', 'table5', 'attention_batch', 'attention_heatmap']
+           'modality_notes', 'select_cases', 'table5', 'attention_batch', 'attention_heatmap']
 
-# %% ../nbs/08_results.ipynb #ff0118d6
-def _read_json(path: Path) -> dict:
-    if not path.is_file(): raise ThneError(f"{path}: missing (is this a finished run directory written by `thne train`?)")
-    try: value = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err: raise ThneError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict): raise ThneError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
+# %% ../nbs/08_results.ipynb #290bc3d9
 @dataclass
 class Run:
     "A finished run directory: its resolved config, its metrics and accessors for its history and predictions."
@@ -73,14 +66,17 @@ class Run:
         if missing: raise ThneError(f"{path}: missing columns {sorted(missing)}")
         return frame
 
+# %% ../nbs/08_results.ipynb #514a9fb3
+_NOT_A_RUN = 'missing (is this a finished run directory written by `thne train`?)'
+
 def read_run(path) -> Run:
     "Open a finished run directory (config.json + metrics.json with per-seed test metrics)."
     path = Path(path)
     if not path.is_dir(): raise ThneError(f"{path}: not a run directory")
-    metrics = _read_json(path/'metrics.json')
+    metrics = read_json(path/'metrics.json', missing=_NOT_A_RUN)
     if not isinstance(metrics.get('seeds'), dict) or not metrics['seeds']:
         raise ThneError(f"{path/'metrics.json'}: no per-seed test metrics under 'seeds'")
-    config = _read_json(path/'config.json') if (path/'config.json').is_file() else {}
+    config = read_json(path/'config.json', missing=_NOT_A_RUN) if (path/'config.json').is_file() else {}
     return Run(path, config, metrics)
 
 def _as_run(run) -> Run: return run if isinstance(run, Run) else read_run(run)
@@ -130,12 +126,17 @@ def _mean_std(values: pd.Series, digits: int, pm: str = ' ± ') -> str:
     std = values.std(ddof=1) if len(values) > 1 else float('nan')
     return f"{values.mean():.{digits}f}" + ('' if math.isnan(std) else f"{pm}{std:.{digits}f}")
 
+def seed_statistics(per_seed) -> pd.DataFrame:
+    "Mean, sample std (NaN for one seed) and count over seeds of each metric; `per_seed`: {seed: {metric: value}} or a frame, one row per seed."
+    frame = per_seed if isinstance(per_seed, pd.DataFrame) else pd.DataFrame.from_dict(per_seed, orient='index')
+    frame = frame.apply(pd.to_numeric, errors='coerce')
+    return pd.DataFrame({'mean': frame.mean(), 'std': frame.std(ddof=1), 'n_seeds': frame.count()}).T
+
 def summarize(runs: dict, split: str = 'test') -> pd.DataFrame:
     "Mean and sample std over seeds of every table metric, one row per labelled run; columns (metric, stat)."
     rows = {}
     for label, run in runs.items():
-        frame = metric_frame(run, split)
-        rows[label] = pd.concat({'mean': frame.mean(), 'std': frame.std(ddof=1), 'n_seeds': frame.count()}, axis=0).swaplevel()
+        rows[label] = seed_statistics(metric_frame(run, split)).unstack().rename_axis([None, None])
     table = pd.DataFrame(rows).T
     table.columns = pd.MultiIndex.from_tuples(table.columns)
     return table[[(name, stat) for name in TABLE_METRICS for stat in ('mean', 'std', 'n_seeds')]]
@@ -173,6 +174,7 @@ def latex_table(frame: pd.DataFrame, caption: str, label: str | None = None) -> 
     return body.style.hide(axis='index').to_latex(caption=latex_cell(caption), label=label, hrules=True,
                                                   position_float='centering', column_format='l' * len(body.columns))
 
+# %% ../nbs/08_results.ipynb #11074ea1
 @dataclass
 class ResultTable:
     "A paper table rebuilt from runs: ordered blocks (title -> frame) printed separately, plus notes."
@@ -248,6 +250,7 @@ REPORTED_TABLE4_MOSEI = {
     'w/o Re':    ('0.536', '0.760', '53.35', '82.35/85.00', '82.51/84.86'),
 }
 
+# %% ../nbs/08_results.ipynb #7c753b6e
 def _split_reported(values: tuple) -> dict:
     mae, corr, acc7, acc2, f1 = values
     acc2_has0, acc2_non0 = acc2.split('/'); f1_has0, f1_non0 = f1.split('/')
@@ -300,6 +303,7 @@ def _seconds_per_epoch(run: Run) -> tuple[float, float]:
     times = pd.Series(run.metrics.get('seconds_per_epoch', {}), dtype=float)
     return (times.mean(), times.std(ddof=1)) if len(times) else (float('nan'), float('nan'))
 
+# %% ../nbs/08_results.ipynb #647bbe4f
 def table3(runs: dict, dataset: str | None = None) -> ResultTable:
     "Table 3: measured mean ± std over seeds of each labelled run, and the paper's reported rows in their own block."
     if not runs: raise ThneError("table3: no runs given")
@@ -416,6 +420,7 @@ def _panel_title(term: str, runs: dict) -> str:
     each = f' = {weights[0]}' if len(set(map(str, weights))) == 1 else ': ' + ', '.join(f'({chr(97+i)}) {w}' for i, w in enumerate(weights))
     return f"{LOSS_LABELS.get(term, term)}, weight $\\{key}${each}"
 
+# %% ../nbs/08_results.ipynb #11489c25
 def _trace(history: pd.DataFrame, term: str, phase: str) -> pd.DataFrame:
     "Mean and std over seeds of `term` per step, for the history rows of `phase`."
     return history[history.phase == phase].groupby('step')[term].agg(['mean', 'std']).reset_index()
@@ -455,13 +460,6 @@ def plot_loss_tracing(runs: dict, out=None, title: str = 'Figure 3: loss tracing
                title=title, title_fontproperties={'weight': 'bold', 'size': 12})
     if out is not None: save_figure(fig, out)
     return fig
-
-def save_figure(fig, out) -> list[Path]:
-    "Save `fig` as PNG and PDF next to each other (`out` with or without a suffix)."
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_suffix('.png'), out.with_suffix('.pdf')]
-    fig.savefig(paths[0], dpi=150, bbox_inches='tight'); fig.savefig(paths[1], bbox_inches='tight')
-    return paths
 
 # %% ../nbs/08_results.ipynb #1b8a294b
 CASE_RULES = {
@@ -503,6 +501,7 @@ def select_cases(predictions: pd.DataFrame, conflict=None) -> pd.DataFrame:
     take('(D) large error', frame, 'error', False)
     return pd.DataFrame(rows).set_index('case')
 
+# %% ../nbs/08_results.ipynb #dce350c1
 def _conflict_marks(dataset):
     extras = getattr(dataset.splits['test'], 'extras', {}) if dataset is not None else {}
     return None if 'noise' not in extras else np.char.startswith(np.asarray(extras['noise']).astype(str), 'inter_')
@@ -568,6 +567,7 @@ def _dataset_of_run(run: Run):
     from thne_nb import train as train_mod, model as model_mod
     return train_mod.load_for_config(model_mod.Config.from_dict(run.config))
 
+# %% ../nbs/08_results.ipynb #a7617690
 def attention_heatmap(run, indices=None, dataset=None, seed: int | None = None, out=None):
     "Eq. 2's attention weights over the frames of vision and audio for a few test clips of `run` (default: the Table 5 clips)."
     import matplotlib.pyplot as plt

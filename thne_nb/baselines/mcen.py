@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..encoding import TextEncoder
 from ..cpc import CPC
-from ..data import ThneError
+from ..core import ThneError
 from ..model import Config, MSAModel, ModelOutput, register_model, register_config, float32_head
 
 # %% ../../nbs/11_mcen.ipynb #0745f2c3

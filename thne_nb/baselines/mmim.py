@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MMIM_PRESETS', 'MMIMConfig', 'ProjectedSequenceEncoder', 'FusionNetwork', 'masked_gaussian_logdet', 'GaussianBABound',
-           'mmim_cpc', 'MMIM']
+           'mmim_cpc', 'TwoStageMI', 'MMIM']
 
 # %% ../../nbs/10_mmim.ipynb #aa92f0e0
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..encoding import TextEncoder, SequenceEncoder
 from ..cpc import CPC
-from ..data import ThneError
+from ..core import ThneError
 from ..model import Config, MSAModel, ModelOutput, register_model, register_config, float32_head
 
 # %% ../../nbs/10_mmim.ipynb #8a25dff3
@@ -152,8 +152,31 @@ def mmim_cpc(d_fusion: int, d_target: int, n_layers: int = 1, softmax_over: str 
     "The framework's CPC as official MMIM builds it: `n_layers` (`cpc_layers`) layers, hidden width the target's."
     return CPC(d_fusion, d_target, include_positive=True, d_hidden=d_target, n_layers=n_layers, softmax_over=softmax_over)
 
-# %% ../../nbs/10_mmim.ipynb #9dc1f155
-class MMIM(MSAModel):
+# %% ../../nbs/10_mmim.ipynb #581baa67
+class TwoStageMI:
+    "MMIM's two-stage contract for a model with `text_encoder`, `mi` (the MI module), `encode` and `log_likelihood`."
+    two_stage = True
+
+    def stage_one_loss(self, batch: dict) -> Tensor:
+        "-l_lld for the MI module alone (stage one); the encoders run without gradient because they are not updated."
+        with torch.no_grad(): h_t, h_v, h_a = self.encode(batch)
+        return -self.log_likelihood(h_t, h_v, h_a)
+
+    def stage_one_parameters(self) -> list[dict]:
+        "The MI module's parameters, as one optimiser group with MMIM's own learning rate and weight decay."
+        return [{'params': list(self.mi.parameters()), 'lr': self.cfg.lr_mi, 'weight_decay': self.cfg.weight_decay_mi}]
+
+    def parameter_groups(self, cfg: MMIMConfig | None = None) -> list[dict]:
+        "Main-stage groups: text encoder at lr_text, the rest at lr_main; the MI module is left to stage one."
+        cfg = cfg or self.cfg
+        text = list(self.text_encoder.parameters())
+        excluded = {id(p) for p in text} | {id(p) for p in self.mi.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in excluded]
+        return [{'params': text, 'lr': cfg.lr_text, 'weight_decay': cfg.weight_decay},
+                {'params': rest, 'lr': cfg.lr_main, 'weight_decay': cfg.weight_decay}]
+
+# %% ../../nbs/10_mmim.ipynb #287fcc7f
+class MMIM(TwoStageMI, MSAModel):
     "MultiModal InfoMax (Han et al., 2021) on the framework's batches; see the chapter for the fixed flaws."
     config_class = MMIMConfig
     two_stage = True
@@ -209,23 +232,5 @@ class MMIM(MSAModel):
         with torch.no_grad():
             scores = {f'f{m}': self.cpc[m].scores(fusion, h) for m, h in targets.items()}
         return ModelOutput(prediction=prediction, losses=losses, scores=scores, attention={}, fusion=fusion)
-
-    def stage_one_loss(self, batch: dict) -> Tensor:
-        "-l_lld for the MI module alone (stage one); the encoders run without gradient because they are not updated."
-        with torch.no_grad(): h_t, h_v, h_a = self.encode(batch)
-        return -self.log_likelihood(h_t, h_v, h_a)
-
-    def stage_one_parameters(self) -> list[dict]:
-        "The MI module's parameters, as one optimiser group with MMIM's own learning rate and weight decay."
-        return [{'params': list(self.mi.parameters()), 'lr': self.cfg.lr_mi, 'weight_decay': self.cfg.weight_decay_mi}]
-
-    def parameter_groups(self, cfg: MMIMConfig | None = None) -> list[dict]:
-        "Main-stage groups: text encoder at lr_text, the rest at lr_main; the MI module is left to stage one."
-        cfg = cfg or self.cfg
-        text = list(self.text_encoder.parameters())
-        excluded = {id(p) for p in text} | {id(p) for p in self.mi.parameters()}
-        rest = [p for p in self.parameters() if id(p) not in excluded]
-        return [{'params': text, 'lr': cfg.lr_text, 'weight_decay': cfg.weight_decay},
-                {'params': rest, 'lr': cfg.lr_main, 'weight_decay': cfg.weight_decay}]
 
 register_model('mmim', MMIM)
