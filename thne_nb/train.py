@@ -7,9 +7,10 @@ __all__ = ['OPTIMIZERS', 'RESUMABLE_FIELDS', 'SELECTION_METRIC', 'MIN_SAFE_TORCH
            'autocast_for', 'cpu_bf16', 'to_device', 'seed_everything', 'configure_determinism', 'rng_state',
            'set_rng_state', 'epoch_seed', 'evaluate', 'constant_baseline', 'ConstantRate', 'make_optimizers',
            'clipped_parameters', 'data_fingerprint', 'load_weights', 'RunFolder', 'new_state', 'save_checkpoint',
-           'resume_checkpoint', 'fit_epoch', 'keep_best', 'run_epochs', 'test_best', 'train_seed', 'load_for_config',
-           'summarise', 'train', 'read_history', 'read_run', 'load_run', 'recipe_ledger', 'ledger_markdown',
-           'is_config_file', 'config_from_file', 'resolve_config', 'config_from_args', 'metrics_table', 'register_cli']
+           'resume_checkpoint', 'fit_epoch', 'keep_best', 'run_epochs', 'evaluate_best', 'train_seed',
+           'load_for_config', 'summarise', 'train', 'read_history', 'read_run', 'load_run', 'recipe_ledger',
+           'ledger_markdown', 'is_config_file', 'config_from_file', 'resolve_config', 'config_from_args',
+           'metrics_table', 'register_cli']
 
 # %% ../nbs/07_training.ipynb #76b6c634
 import fcntl, hashlib, json, math, os, random, re, shutil, sys, time, warnings
@@ -516,7 +517,7 @@ def run_epochs(cfg, dataset, seed, seed_dir: Path, device, model, optimisers, st
     return state
 
 # %% ../nbs/07_training.ipynb #7f1413ff
-def test_best(cfg, dataset, seed_dir: Path, model, device, state: dict, seed) -> dict:
+def evaluate_best(cfg, dataset, seed_dir: Path, model, device, state: dict, seed) -> dict:
     "Evaluate the `best.pt` weights on the test split once; writes test_predictions.csv and the seed's metrics.json."
     best_path = seed_dir / 'best.pt'
     if not best_path.exists(): raise ThneError(f'{seed_dir}: no epoch was trained (epochs={cfg.epochs})')
@@ -540,7 +541,7 @@ def train_seed(cfg, dataset, seed: int, seed_dir, device, resume=True, progress=
     if resume and (seed_dir / 'last.pt').exists():
         resume_checkpoint(seed_dir / 'last.pt', model, optimisers, state, cfg.to_dict(), data_fingerprint, seed)
     state = run_epochs(cfg, dataset, seed, seed_dir, device, model, optimisers, state, progress, on_epoch_end, data_fingerprint)
-    result = test_best(cfg, dataset, seed_dir, model, device, state, seed)
+    result = evaluate_best(cfg, dataset, seed_dir, model, device, state, seed)
     return {**result, 'history': state['history'], 'params': model.count_parameters()}
 
 # %% ../nbs/07_training.ipynb #a1ef4fa6
