@@ -21,7 +21,7 @@ from .model import build_model
 from .train import (OPTIMIZERS, autocast_for, clipped_parameters, config_from_args, configure_determinism, cpu_bf16,
                            evaluate, load_for_config, make_optimizers, resolve_device, seed_everything, to_device, train_seed)
 
-# %% ../nbs/91_benchmarks.ipynb #e1197e41
+# %% ../nbs/91_benchmarks.ipynb #5fa6b693
 def _peak_memory_mb(device) -> float:
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
@@ -45,6 +45,8 @@ class TextOnlyRegressor(nn.Module):
         cls = self.encoder(batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
         return self.head(cls).squeeze(-1)
 
+
+# %% ../nbs/91_benchmarks.ipynb #47267981
 def bench(cfg, batch_size=None, steps=20, warmup=3, device=None, dataset=None) -> dict:
     "Training-step time, clips/s and peak memory of t-HNE and of its bare text encoder on one batch."
     device = resolve_device(device if device is not None else cfg.device)
