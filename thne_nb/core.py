@@ -30,7 +30,7 @@ def repo_root(start=None) -> Path:
     return next((p for p in [here, *here.parents] if (p/'settings.ini').exists()), here)
 
 def figures_dir(config: str, root=None) -> Path:
-    "The one rule for figures: everything drawn for configuration `config` goes to `figures/<config>/`."
+    "The one rule for figures: what is drawn for configuration `config` goes to `figures/<config>/` (the tutorial's own illustrations, which belong to no configuration, to `figures/tutorial/`)."
     return Path(root or repo_root())/'figures'/config
 
 # %% ../nbs/90_core.ipynb #3357ced7

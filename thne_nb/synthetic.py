@@ -10,7 +10,7 @@ import numpy as np
 
 # Only core, never data: the generator returns plain numpy arrays (an MMSA-format dict), not data's classes, so
 # data can re-export make_default at import time (train, robustness, predict call data.make_default) without a cycle.
-from .core import ThneError, repo_root
+from .core import ThneError
 
 # %% auto #0
 __all__ = ['SIGNAL_ENVELOPE', 'make_default', 'plot_dataset']
