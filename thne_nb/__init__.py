@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 # them. `train` and `predict` are also module names: those modules are callable, so the module is returned.
 import importlib as _importlib
 
-_API = {'get_config': 'thne_nb.model', 'load_dataset': 'thne_nb.data', 'train': 'thne_nb.train',
+_API = {'get_config': 'thne_nb.config', 'load_dataset': 'thne_nb.data', 'train': 'thne_nb.train',
         'predict': 'thne_nb.predict', 'load_pretrained': 'thne_nb.predict'}
 __all__ = ['__version__', *_API]
 
