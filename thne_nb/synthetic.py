@@ -206,7 +206,8 @@ def shaped_sizes(name: str, fraction: float = 1.0) -> dict:
     shape = _SHAPES[name]
     splits = {s: max(2, round(n * fraction)) for s, n in shape['splits'].items()}
     frames_x_dims = sum(shape['frames'][m] * shape['dims'][m] for m in shape['dims'])
-    return {**shape, 'splits': splits, 'nbytes': 4 * sum(splits.values()) * frames_x_dims}
+    copies = {k: dict(v) if isinstance(v, dict) else v for k, v in shape.items()}  # callers may change theirs
+    return {**copies, 'splits': splits, 'nbytes': 4 * sum(splits.values()) * frames_x_dims}
 
 
 # %% ../nbs/00a_synthetic.ipynb #75a7bfa8
