@@ -13,7 +13,7 @@ import numpy as np
 from .core import ThneError
 
 # %% auto #0
-__all__ = ['SIGNAL_ENVELOPE', 'make_default', 'plot_dataset']
+__all__ = ['SIGNAL_ENVELOPE', 'make_default', 'plot_dataset', 'shaped_sizes', 'make_shaped']
 
 # %% ../nbs/00a_synthetic.ipynb #4de2e259
 _GRADE_WORDS = {
@@ -119,7 +119,42 @@ def _clip_stream(rng, m: dict, name: str, T: int, y: float, noise: str):
     x = m['offset'] * rng.standard_normal(m['dim']) + m['noise'] * rng.standard_normal((T, m['dim'])) + signal
     return x, (env >= SIGNAL_ENVELOPE) & (expressed == y)  # the mask uses draws already made: x is unchanged
 
-# %% ../nbs/00a_synthetic.ipynb #123ad1f6
+# %% ../nbs/00a_synthetic.ipynb #0b80487e
+def _lengthen(rng, text: str, grade: int, n_words: int) -> str:
+    "`text` followed by more sentences of the same grade until it has at least `n_words` words."
+    while len(text.split()) < n_words: text += ' and ' + _sentence(rng, grade)
+    return text
+
+def _generate(sizes: dict, seed: int, intra_noise: float, inter_noise: float, text_noise: float, max_frames: dict,
+              draw_lengths, dims: dict, meta: dict, text_words: int = 0, id_prefix: str = 'synth') -> dict:
+    "Splits of `sizes[split]` clips as an MMSA-format dict; `draw_lengths(rng, modality, n_words)` gives the frame counts."
+    if not (0 <= intra_noise and 0 <= inter_noise and intra_noise + inter_noise <= 1):
+        raise ThneError(f'{meta["name"]}: noise fractions must be >= 0 and sum to at most 1, got {intra_noise} + {inter_noise}')
+    rng = np.random.default_rng(seed)
+    modality = _modalities(rng, dims['vision'], dims['audio'])
+    out = {'thne_nb': meta}
+    for split, n in sizes.items():
+        y = _labels(rng, n)
+        grade = _text_grades(rng, y, text_noise)
+        text = [_sentence(rng, int(g)) for g in grade]
+        if text_words: text = [_lengthen(rng, t, int(g), text_words) for t, g in zip(text, grade)]
+        noise = _noise_kinds(rng, n, intra_noise, inter_noise)
+        n_words = np.array([len(t.split()) for t in text])
+        arrays = {}
+        for name, m in modality.items():
+            lengths, T = draw_lengths(rng, name, n_words), max_frames[name]
+            x = np.zeros((n, T, m['dim']), np.float32)
+            carries_signal = np.zeros((n, T), bool)
+            for i in range(n):
+                x[i, :lengths[i]], carries_signal[i, :lengths[i]] = _clip_stream(rng, m, name, lengths[i], y[i], noise[i])
+            arrays[name], arrays[f'{name}_lengths'], arrays[f'{name}_signal'] = x, lengths, carries_signal
+        out[split] = {'raw_text': np.array(text, dtype=object), **arrays, 'regression_labels': y.astype(np.float32),
+                      'id': np.array([f'{id_prefix}{seed}_{split}_{i:04d}' for i in range(n)], dtype=object),
+                      'noise': noise.astype(str), 'text_grade': grade.astype(np.int64)}
+    return out
+
+
+# %% ../nbs/00a_synthetic.ipynb #7afb5de0
 def make_default(n_clips: int = 1200, seed: int = 0, intra_noise: float = 0.2, inter_noise: float = 0.1,
                  text_noise: float = 0.6, min_frames: int = 20, max_frames: int = 150,
                  vision_dim: int = 20, audio_dim: int = 5) -> dict:
@@ -129,29 +164,13 @@ def make_default(n_clips: int = 1200, seed: int = 0, intra_noise: float = 0.2, i
     if n_clips < 10: raise ThneError(f'make_default: need at least 10 clips, got {n_clips}')
     settings = dict(n_clips=n_clips, seed=seed, intra_noise=intra_noise, inter_noise=inter_noise, text_noise=text_noise,
                     min_frames=min_frames, max_frames=max_frames, vision_dim=vision_dim, audio_dim=audio_dim)
-    rng = np.random.default_rng(seed)
-    modality = _modalities(rng, vision_dim, audio_dim)
     n_valid = round(n_clips * 229 / 2199); n_test = round(n_clips * 686 / 2199)
     sizes = {'train': n_clips - n_valid - n_test, 'valid': n_valid, 'test': n_test}
-    out = {'thne_nb': {'name': 'default', 'generator': settings}}
-    for split, n in sizes.items():
-        y = _labels(rng, n)
-        grade = _text_grades(rng, y, text_noise)
-        text = [_sentence(rng, int(g)) for g in grade]
-        noise = _noise_kinds(rng, n, intra_noise, inter_noise)
-        n_words = np.array([len(t.split()) for t in text])
-        arrays = {}
-        for name, m in modality.items():
-            lengths = np.clip((n_words * rng.uniform(2.5, 7, n)).astype(int), min_frames, max_frames)
-            x = np.zeros((n, max_frames, m['dim']), np.float32)
-            carries_signal = np.zeros((n, max_frames), bool)
-            for i in range(n):
-                x[i, :lengths[i]], carries_signal[i, :lengths[i]] = _clip_stream(rng, m, name, lengths[i], y[i], noise[i])
-            arrays[name], arrays[f'{name}_lengths'], arrays[f'{name}_signal'] = x, lengths, carries_signal
-        out[split] = {'raw_text': np.array(text, dtype=object), **arrays, 'regression_labels': y.astype(np.float32),
-                      'id': np.array([f'synth{seed}_{split}_{i:04d}' for i in range(n)], dtype=object),
-                      'noise': noise.astype(str), 'text_grade': grade.astype(np.int64)}
-    return out
+    # A clip's frames grow with its words (2.5 to 7 per word), as a speaker's video and audio do.
+    draw = lambda rng, _, n_words: np.clip((n_words * rng.uniform(2.5, 7, len(n_words))).astype(int), min_frames, max_frames)
+    return _generate(sizes, seed, intra_noise, inter_noise, text_noise, {'vision': max_frames, 'audio': max_frames}, draw,
+                     {'vision': vision_dim, 'audio': audio_dim}, {'name': 'default', 'generator': settings})
+
 
 # %% ../nbs/00a_synthetic.ipynb #34ff95a3
 def plot_dataset(dataset, out=None):
@@ -172,3 +191,36 @@ def plot_dataset(dataset, out=None):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110)
     return fig
+
+# %% ../nbs/00a_synthetic.ipynb #4216816a
+# Split sizes (train/valid/test) and MMSA unaligned_50 feature sizes and padded lengths of the real data sets.
+_SHAPES = {'mosi': dict(splits={'train': 1284, 'valid': 229, 'test': 686}, text_tokens=50,
+                        dims={'vision': 20, 'audio': 5}, frames={'vision': 375, 'audio': 375}),
+           'mosei': dict(splits={'train': 16326, 'valid': 1871, 'test': 4659}, text_tokens=50,
+                         dims={'vision': 35, 'audio': 74}, frames={'vision': 500, 'audio': 500})}
+
+def shaped_sizes(name: str, fraction: float = 1.0) -> dict:
+    "Split sizes, feature dims, padded lengths and float32 bytes of `make_shaped(name, fraction)`, without building it."
+    if name not in _SHAPES: raise ThneError(f"make_shaped: unknown data set {name!r} (choose from {', '.join(_SHAPES)})")
+    if not 0 < fraction <= 1: raise ThneError(f'make_shaped: fraction must be in (0, 1], got {fraction}')
+    shape = _SHAPES[name]
+    splits = {s: max(2, round(n * fraction)) for s, n in shape['splits'].items()}
+    frames_x_dims = sum(shape['frames'][m] * shape['dims'][m] for m in shape['dims'])
+    copies = {k: dict(v) if isinstance(v, dict) else v for k, v in shape.items()}  # callers may change theirs
+    return {**copies, 'splits': splits, 'nbytes': 4 * sum(splits.values()) * frames_x_dims}
+
+
+# %% ../nbs/00a_synthetic.ipynb #75a7bfa8
+def make_shaped(name: str, fraction: float = 1.0, seed: int = 0, intra_noise: float = 0.2, inter_noise: float = 0.1,
+                text_noise: float = 0.6, min_length: float = 0.3) -> dict:
+    "A synthetic set of MOSI's or MOSEI's real shape (`fraction` of its clips) as an MMSA-format dict; for benchmarks."
+    shape = shaped_sizes(name, fraction)
+    settings = dict(name=name, fraction=fraction, seed=seed, intra_noise=intra_noise, inter_noise=inter_noise,
+                    text_noise=text_noise, min_length=min_length)
+    # Assumed, not measured: each clip's frames uniform between min_length and all of the padded length.
+    draw = lambda rng, m, n_words: rng.integers(max(1, round(min_length * shape['frames'][m])), shape['frames'][m] + 1,
+                                                len(n_words))
+    # About 1.05 word-piece tokens a word: 48 words fill the 50 text tokens of MMSA's files.
+    return _generate(shape['splits'], seed, intra_noise, inter_noise, text_noise, shape['frames'], draw, shape['dims'],
+                     {'name': name, 'generator': {'shaped': settings}}, text_words=48, id_prefix=f'{name}-shaped')
+
