@@ -62,7 +62,7 @@ def test_mcen_preset(small_data, tmp_path):
 
 def test_train_function_and_reload(small_data, tmp_path):
     "`thne_nb.train.train` with the mmim-tiny preset, then `load_run` rebuilds an MMIM with its MMIMConfig."
-    from thne_nb.model import get_config
+    from thne_nb.config import get_config
     from thne_nb.train import train, load_run, load_for_config
     from thne_nb.baselines.mmim import MMIM, MMIMConfig
     cfg = get_config('mmim-tiny').replace(seeds=(1111,), epochs=1)
@@ -74,7 +74,7 @@ def test_train_function_and_reload(small_data, tmp_path):
 
 def test_presets_and_errors():
     "Every baseline preset resolves; MCEN stays under 1M parameters outside the text encoder; bad values are one-line errors."
-    from thne_nb.model import get_config, available_configs
+    from thne_nb.config import get_config, available_configs
     from thne_nb.data import ThneError
     from thne_nb.baselines.mcen import DATASET_FEATURE_DIMS, count_core_parameters
     names = {'mmim-demo', 'mmim-mosi', 'mmim-mosei', 'mmim-tiny', 'mcen-demo', 'mcen-mosi', 'mcen-mosei', 'mcen-sims', 'mcen-tiny'}

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from thne_nb.data import (ThneError, load_dataset, make_default, make_loader, safe_load, write_mmsa, get_tokenizer,
-                          normalise_padding)
+from thne_nb.core import ThneError
+from thne_nb.data import load_dataset, make_loader, normalise_padding, safe_load, write_mmsa
+from thne_nb.encoding import get_tokenizer
+from thne_nb.synthetic import make_default
 
 
 def mmsa_split(n=4, dv=20, da=5, T=6, labels=None, text_len=8):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from thne_nb.cli import main
-from thne_nb.data import SPLITS, make_default, write_mmsa
+from thne_nb.data import SPLITS, write_mmsa
+from thne_nb.synthetic import make_default
 from conftest import run_cli, assert_one_line_error
 
 
@@ -189,7 +190,7 @@ def test_run_config_file_repeats_the_run(run, tmp_path, capsys):
 
 
 def test_configs_via_python_m(tmp_path):
-    from thne_nb.model import available_configs
+    from thne_nb.config import available_configs
     done = subprocess.run([sys.executable, '-m', 'thne_nb', 'configs'], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

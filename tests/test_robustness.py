@@ -14,8 +14,10 @@ import matplotlib
 matplotlib.use('Agg')
 
 from thne_nb import robustness as rob, train, reproduce
-from thne_nb.data import SPLITS, ThneError, make_default, write_mmsa
-from thne_nb.model import get_config
+from thne_nb.config import get_config
+from thne_nb.core import ThneError
+from thne_nb.data import SPLITS, write_mmsa
+from thne_nb.synthetic import make_default
 from conftest import run_cli, assert_one_line_error
 
 SEEDS = (1111, 1112)

@@ -13,7 +13,7 @@ ray = pytest.importorskip('ray', reason='the test command installs the sweep ext
 
 from thne_nb import reproduce, sweeps
 from thne_nb.cli import main
-from thne_nb.data import ThneError
+from thne_nb.core import ThneError
 
 GRID = ['eta=1e-3', 'batch_size=8', 'alpha=0.3', 'beta=0.1', 'hidden=8,16', 'epochs=1']
 SEEDS = (1111, 1112)

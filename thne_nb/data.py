@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #b1e3c57a
 from __future__ import annotations
-import json, os, pickle, re, subprocess, sys, tempfile, time
+import json, os, pickle, re, sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from .synthetic import SIGNAL_ENVELOPE, make_default, plot_dataset
 __all__ = ['LABEL_RANGES', 'SPLITS', 'SafeUnpickler', 'safe_load', 'SplitData', 'MSADataset', 'replace_nonfinite',
            'normalise_padding', 'read_mmsa', 'read_misa_split', 'read_misa_dir', 'detect_name', 'get_tokenizer',
            'minilm_path', 'tokenize', 'check_vocabulary', 'unlabelled_error', 'build_dataset', 'load_dataset',
-           'write_mmsa', 'SplitDataset', 'make_loader', 'bench_memory', 'register_cli']
+           'write_mmsa', 'SplitDataset', 'make_loader', 'register_cli']
 
 # %% ../nbs/00_data.ipynb #5d1866d8
 _NUMPY_INTERNALS = {('multiarray', '_reconstruct'), ('multiarray', 'scalar'), ('numeric', '_frombuffer')}
@@ -580,84 +580,6 @@ def make_loader(split: SplitData, batch_size: int, shuffle: bool = False, seed: 
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=num_workers > 0)
 
-# %% ../nbs/00_data.ipynb #daaea213
-def _mosei_sized(clips: int, seed: int = 0, audio_shape=(500, 74), vision_shape=(375, 35)) -> dict:
-    "Random MOSEI-shaped MMSA data (right-padded, -inf in audio like COVAREP), for memory measurements only."
-    rng = np.random.default_rng(seed)
-    sizes = {'train': round(clips * 16326 / 22856), 'valid': round(clips * 1871 / 22856)}
-    sizes['test'] = clips - sizes['train'] - sizes['valid']
-    out = {}
-    for split, n in sizes.items():
-        arrays = {}
-        for name, (T, d) in (('audio', audio_shape), ('vision', vision_shape)):
-            x = np.empty((n, T, d), np.float32)
-            lengths = rng.integers(T // 4, T + 1, n)
-            for rows in _row_chunks(n, T * d):
-                x[rows] = rng.standard_normal((rows.stop - rows.start, T, d), dtype=np.float32)
-                x[rows][np.arange(T)[None, :] >= lengths[rows, None]] = 0
-            if name == 'audio': x[::7, 0, 0] = -np.inf
-            arrays[name], arrays[f'{name}_lengths'] = x, lengths
-        out[split] = {'raw_text': np.array([f'clip {i} was quite good' for i in range(n)], dtype=object), **arrays,
-                      'text_bert': np.zeros((n, 3, 50), np.int64), 'regression_labels': rng.uniform(-3, 3, n).astype(np.float32),
-                      'id': np.array([f'{split}_{i}' for i in range(n)], dtype=object)}
-    return out
-
-# %% ../nbs/00_data.ipynb #b86ca1a0
-def _peak_rss() -> int:
-    "Peak resident memory of this process in bytes (getrusage; Linux reports KiB)."
-    import resource  # Unix only, and only the benchmark needs it
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-
-def _bench_write(path: str, clips: int):
-    "Runs in a fresh interpreter: write the MOSEI-sized pickle (protocol 4, as MMSA's files are)."
-    with open(path, 'wb') as f: pickle.dump(_mosei_sized(clips), f, protocol=4)
-
-def _bench_child(path: str):
-    "Runs in a fresh interpreter: load `path`, print peak RSS and array bytes as JSON."
-    get_tokenizer(None)
-    baseline = _peak_rss()
-    start = time.time()
-    dataset = load_dataset(path)
-    seconds = time.time() - start
-    peak = _peak_rss()
-    array_bytes = sum(t.nbytes for s in dataset.splits.values() for t in
-                      (s.input_ids, s.attention_mask, s.token_type_ids, s.vision, s.vision_lengths, s.audio, s.audio_lengths, s.labels))
-    print(json.dumps({'clips': sum(len(s) for s in dataset.splits.values()), 'array_bytes': array_bytes,
-                      'baseline_rss': baseline, 'peak_rss': peak, 'load_seconds': round(seconds, 1),
-                      'inf_replaced': sum(s.cleaning['audio']['inf_replaced'] for s in dataset.splits.values())}))
-
-def _run_python(code: str, *args) -> str:
-    done = subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True, text=True)
-    if done.returncode != 0: raise RuntimeError(f'benchmark subprocess failed:\n{done.stderr}')
-    return done.stdout
-
-# %% ../nbs/00_data.ipynb #0ee8f233
-def bench_memory(clips: int = 22856, workdir=None, keep: bool = False) -> dict:
-    "Write a MOSEI-sized MMSA pickle, load it in a fresh process, and report peak RSS / array bytes."
-    tmp = Path(tempfile.mkdtemp(dir=workdir, prefix='thne_bench_'))
-    path = tmp/'unaligned_50.pkl'
-    # Both steps run in child processes: Linux carries a parent's peak RSS into the ru_maxrss of a process it
-    # starts, so the measuring process must be started by one that never held the data.
-    try:
-        _run_python('import sys; from thne_nb.data import _bench_write; _bench_write(sys.argv[1], int(sys.argv[2]))', path, clips)
-        result = json.loads(_run_python('import sys; from thne_nb.data import _bench_child; _bench_child(sys.argv[1])', path).strip().splitlines()[-1])
-        result['file_bytes'] = path.stat().st_size
-    finally:
-        if not keep:
-            path.unlink(missing_ok=True); tmp.rmdir()
-    result['ratio'] = round(result['peak_rss'] / result['array_bytes'], 2)
-    result['ratio_above_baseline'] = round((result['peak_rss'] - result['baseline_rss']) / result['array_bytes'], 2)
-    return result
-
-def _cli_bench(args) -> int:
-    if args.clips < 100: raise ThneError(f'--clips {args.clips}: the benchmark needs at least 100 clips (three splits of MOSEI proportions)')
-    r = bench_memory(clips=args.clips, workdir=args.workdir)
-    gib = lambda b: f'{b / 2**30:.2f} GiB'
-    print(f"clips {r['clips']}: arrays {gib(r['array_bytes'])}, file {gib(r['file_bytes'])}, peak RSS {gib(r['peak_rss'])} "
-          f"(interpreter + tokenizer {gib(r['baseline_rss'])}), load {r['load_seconds']} s")
-    print(f"peak RSS / array bytes = {r['ratio']} ({r['ratio_above_baseline']} above the interpreter baseline)")
-    return 0
-
 # %% ../nbs/00_data.ipynb #d7c827a3
 def _cli_inspect(args) -> int:
     dataset = load_dataset(args.path, tokenizer=args.tokenizer, max_text_len=args.max_text_len, name=args.name)
@@ -671,6 +593,11 @@ def _cli_synth(args) -> int:
     sizes = ', '.join(f'{s} {len(data[s]["regression_labels"])}' for s in SPLITS)
     print(f'wrote {out} ({sizes}; {out.stat().st_size / 1e6:.1f} MB)')
     return 0
+
+def _cli_bench(args) -> int:
+    # Deferred: benchmarks imports train, which imports this module, so a top-level import would be a cycle.
+    from thne_nb.benchmarks import _cli_bench
+    return _cli_bench(args)
 
 def register_cli(subparsers) -> None:
     "Add `thne data inspect|synth|bench` to the `thne` parser."

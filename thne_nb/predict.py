@@ -11,15 +11,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as nnf
-from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
 
 from . import __version__
+from .cli import positive_int
+from .config import Config, _method_of, available_configs, build_model, describe_config
 from .core import ThneError, one_line, read_json, to_jsonable, write_json
 from .data import LABEL_RANGES, MSADataset, SplitData, load_dataset, make_loader
 from .encoding import load_tokenizer
 from .metrics import SIMS_BOUNDARIES, SIMS_NAMES, compute_metrics
-from .model import Config, MSAModel, available_configs, build_model, describe_config
-from .train import _positive_int, autocast_for, load_run, read_run, resolve_device, to_device
+from .model import MSAModel
+from .train import autocast_for, load_run, read_run, resolve_device, to_device
 
 WEIGHTS_NAME = 'model.safetensors'  # the file name Hugging Face tools look for
 
@@ -212,7 +214,7 @@ def _text_config(model) -> dict | None:
 def bare_model(cfg: Config, dims: dict, text_config: dict | None = None) -> MSAModel:
     "The architecture of `cfg`, its text encoder built from a saved Hugging Face config without loading any weights."
     if text_config is None: return build_model(cfg, dims)
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # deferred (here and for safetensors below): heavy, only loading needs them
     try: architecture = CONFIG_MAPPING[text_config['model_type']].from_dict(text_config)
     except (KeyError, TypeError, ValueError) as err:
         raise ThneError(f"text_config: not a usable Hugging Face config ({type(err).__name__}: {err})") from None
@@ -281,31 +283,33 @@ class PretrainedModel(ModelHubMixin, library_name='thne_nb', repo_url='https://g
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard: return ModelCard(model_card(self.payload()))
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_model
-        folder = Path(save_directory)
-        save_model(self.model, str(folder/WEIGHTS_NAME), metadata={'format': 'pt'})
-        write_json(self.payload(), folder/'config.json')
-        self.tokenizer.save_pretrained(str(folder/'tokenizer'))
-        metrics = {k: self.info[k] for k in ('dataset', 'seed', 'test', 'valid', 'run_mean', 'run_std', 'baseline_constant') if k in self.info}
-        write_json(metrics, folder/'metrics.json')
-        self.generate_model_card().save(folder/'README.md')
+# %% ../nbs/13_predict.ipynb #ddb9654d
+@_method_of(PretrainedModel, '_save_pretrained')
+def _save_pretrained(self, save_directory: Path) -> None:
+    from safetensors.torch import save_model
+    folder = Path(save_directory)
+    save_model(self.model, str(folder/WEIGHTS_NAME), metadata={'format': 'pt'})
+    write_json(self.payload(), folder/'config.json')
+    self.tokenizer.save_pretrained(str(folder/'tokenizer'))
+    metrics = {k: self.info[k] for k in ('dataset', 'seed', 'test', 'valid', 'run_mean', 'run_std', 'baseline_constant') if k in self.info}
+    write_json(metrics, folder/'metrics.json')
+    self.generate_model_card().save(folder/'README.md')
 
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
-                         token=None, map_location: str = 'cpu', **unused) -> 'PretrainedModel':
-        folder = Path(model_id)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-            folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
-                                            force_download=force_download, local_files_only=local_files_only))
-        payload = _read_payload(folder)
-        try: cfg = Config.from_dict(payload['config'])
-        except (ThneError, TypeError) as err: raise ThneError(f"{folder/'config.json'}: {err}") from None
-        model = bare_model(cfg, payload['dims'], payload.get('text_config'))
-        _load_weights(model, folder/WEIGHTS_NAME, map_location)
-        info = {k: v for k, v in payload.items() if k not in _PAYLOAD_KEYS}
-        return cls(model, _load_tokenizer_folder(folder/'tokenizer'), {**info, 'folder': str(folder)})
+@_method_of(PretrainedModel, '_from_pretrained')
+@classmethod
+def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
+                     token=None, map_location: str = 'cpu', **unused) -> 'PretrainedModel':
+    folder = Path(model_id)
+    if not folder.is_dir():
+        folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                        force_download=force_download, local_files_only=local_files_only))
+    payload = _read_payload(folder)
+    try: cfg = Config.from_dict(payload['config'])
+    except (ThneError, TypeError) as err: raise ThneError(f"{folder/'config.json'}: {err}") from None
+    model = bare_model(cfg, payload['dims'], payload.get('text_config'))
+    _load_weights(model, folder/WEIGHTS_NAME, map_location)
+    info = {k: v for k, v in payload.items() if k not in _PAYLOAD_KEYS}
+    return cls(model, _load_tokenizer_folder(folder/'tokenizer'), {**info, 'folder': str(folder)})
 
 # %% ../nbs/13_predict.ipynb #cb8725bb
 def load_pretrained(folder_or_repo, device: str = 'cpu') -> PretrainedModel:
@@ -428,7 +432,7 @@ def register_cli(subparsers) -> None:
     p.add_argument('--seed', type=int, help="one seed of a run (default: every seed, and their mean)")
     p.add_argument('--out', required=True, metavar='CSV', help="where to write the table ('-': standard output)")
     p.add_argument('--device', default='auto', metavar='DEVICE', help='auto, cpu, cuda or cuda:N (default: auto)')
-    p.add_argument('--batch-size', type=_positive_int, help="default: the model's config")
+    p.add_argument('--batch-size', type=positive_int, help="default: the model's config")
     p.add_argument('--tokenizer', help="a tokenizer folder or hub name, only if the model's own cannot be loaded")
     p.set_defaults(func=_cmd_predict)
     p = subparsers.add_parser('export', help='write one seed of a run as a self-contained model folder')

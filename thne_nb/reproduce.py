@@ -4,15 +4,18 @@
 
 # %% ../nbs/09_reproduce.ipynb #c0c26b65
 from __future__ import annotations
-import argparse, hashlib, itertools, json, math, random, time
+import argparse, hashlib, itertools, json, math, os, random, time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from .data import ThneError
-from . import core, results
+from . import core, results, robustness
+# Module objects, not their functions: the tests patch `train.train` and `robustness.write_study`.
+from . import metrics as metrics_mod, train as train_mod
 from .cli import seed_list
+from .config import Config, get_config
+from .core import ThneError
 
 # %% auto #0
 __all__ = ['PAPER_SEEDS', 'DEMO_SEEDS', 'BASELINE_LABELS', 'FULL', 'ADJUSTED', 'ABLATIONS', 'NOT_IDENTITY', 'PAPER_GRID',
@@ -54,11 +57,10 @@ def apply_settings(cfg, settings) -> object:
 # %% ../nbs/09_reproduce.ipynb #519c893d
 def plan_runs(config: str, models=('thne', *BASELINE_LABELS), data=None, settings=(), dataset=None) -> dict:
     "Labelled configs for every artefact: t-HNE, its ablations and Sec. 5.2 variant (if 'thne' in models) and the baselines."
-    from thne_nb import model as model_mod
     unknown = set(models) - {'thne', *BASELINE_LABELS}
     if unknown: raise ThneError(f"--models: unknown model(s) {sorted(unknown)}; choose from {', '.join(('thne', *BASELINE_LABELS))}")
     if 'thne' not in models: raise ThneError("--models: 'thne' is needed (every artefact is built around the t-HNE run)")
-    base = apply_settings(model_mod.get_config(config), settings)
+    base = apply_settings(get_config(config), settings)
     if data is not None: base = base.replace(data=str(data))
     if dataset is None: _check_data(config, base)
     plan = {FULL: base}
@@ -66,7 +68,7 @@ def plan_runs(config: str, models=('thne', *BASELINE_LABELS), data=None, setting
     plan[ADJUSTED] = base.replace(alpha=base.alpha/2, residual=True)
     for name in models:
         if name == 'thne': continue
-        cfg = apply_settings(model_mod.get_config(f'{name}-{config}'), settings)
+        cfg = apply_settings(get_config(f'{name}-{config}'), settings)
         plan[BASELINE_LABELS[name]] = cfg.replace(data=str(data)) if data is not None else cfg
     return plan
 
@@ -97,7 +99,6 @@ class _DatasetCache:
     "Load each data set once per (path, tokenizer, text length), since every run of a call shares it."
     def __init__(self, fixed=None): self.loaded, self.fixed = {}, fixed
     def __call__(self, cfg):
-        from thne_nb import train as train_mod
         if self.fixed is not None: return self.fixed
         key = (cfg.data, cfg.text_model, cfg.max_text_len)
         if key not in self.loaded: self.loaded[key] = train_mod.load_for_config(cfg)
@@ -105,7 +106,6 @@ class _DatasetCache:
 
 def ensure_run(cfg, run_dir, seeds, dataset=None, device=None, progress=True, log=print) -> bool:
     "Train `cfg` into `run_dir` on `seeds` unless that run is already finished; True when training happened."
-    from thne_nb import train as train_mod
     seeds = tuple(int(s) for s in seeds)
     cfg = cfg.replace(seeds=seeds)
     if is_finished(run_dir, cfg, seeds):
@@ -158,6 +158,26 @@ def reproduce(config: str = 'demo', data=None, seeds=None, results_dir=None, fig
     return Reproduction(run_dirs, trained, files, time.perf_counter() - start)
 
 
+# %% ../nbs/09_reproduce.ipynb #7bc0c7fe
+def _save_and_close(fig, out) -> list[Path]:
+    import matplotlib.pyplot as plt  # deferred: heavy, and only figure writing needs it
+    paths = results.save_figure(fig, out)
+    plt.close(fig)
+    return paths
+
+def _config_of(run):
+    return Config.from_dict(run.config)   # the t-HNE run: a plain Config
+
+def _write_report(tables, figures, run_dirs, results_dir, figures_dir) -> Path:
+    rel = Path(os.path.relpath(figures_dir.resolve(), results_dir.resolve()))
+    parts = ['# Reproduced results', 'Every number below is read from the run directories listed at the end.']
+    parts += [t.to_markdown() for t in tables.values()]
+    parts += [f'## {name}\n\n![{name}]({(rel/stem).as_posix()}.png)' for name, stem in figures.items()]
+    parts.append('## Runs\n\n' + '\n'.join(f'- {label}: `{path}`' for label, path in run_dirs.items()))
+    path = results_dir/'report.md'
+    core.write_text_atomic('\n\n'.join(parts) + '\n', path)
+    return path
+
 # %% ../nbs/09_reproduce.ipynb #b17825fe
 def write_artefacts(run_dirs: dict, results_dir, figures_dir, dataset_loader=None, log=print) -> list[Path]:
     "Write every table (md, tex, csv) and figure (png, pdf) from the labelled run directories."
@@ -178,33 +198,12 @@ def write_artefacts(run_dirs: dict, results_dir, figures_dir, dataset_loader=Non
         figures['Figure 3'] = 'fig3_loss_tracing'
     files += _save_and_close(results.attention_heatmap(runs[FULL], dataset=dataset), figures_dir/'attention_heatmap')
     figures['Eq. 2 attention heatmap'] = 'attention_heatmap'
-    from thne_nb import robustness  # chapter 12: the same runs under corrupted vision/audio, inference only
+    # chapter 12: the same runs under corrupted vision/audio, inference only
     files += robustness.write_study(run_dirs, results_dir, figures_dir, dataset_for=dataset_loader, reference=FULL, log=log)
     figures['Robustness to corrupted visual/acoustic streams (chapter 12)'] = 'robustness'
     files.append(_write_report(tables, figures, run_dirs, results_dir, figures_dir))
     for path in files: log(f'wrote  {path}')
     return files
-
-def _save_and_close(fig, out) -> list[Path]:
-    import matplotlib.pyplot as plt
-    paths = results.save_figure(fig, out)
-    plt.close(fig)
-    return paths
-
-def _config_of(run):
-    from thne_nb import model as model_mod
-    return model_mod.Config.from_dict(run.config)   # the t-HNE run: a plain Config
-
-def _write_report(tables, figures, run_dirs, results_dir, figures_dir) -> Path:
-    import os
-    rel = Path(os.path.relpath(figures_dir.resolve(), results_dir.resolve()))
-    parts = ['# Reproduced results', 'Every number below is read from the run directories listed at the end.']
-    parts += [t.to_markdown() for t in tables.values()]
-    parts += [f'## {name}\n\n![{name}]({(rel/stem).as_posix()}.png)' for name, stem in figures.items()]
-    parts.append('## Runs\n\n' + '\n'.join(f'- {label}: `{path}`' for label, path in run_dirs.items()))
-    path = results_dir/'report.md'
-    core.write_text_atomic('\n\n'.join(parts) + '\n', path)
-    return path
 
 # %% ../nbs/09_reproduce.ipynb #c8cbbee3
 PAPER_GRID = {'batch_size': (32, 64), 'lr_main': (5e-4, 1e-3, 5e-3), 'alpha': (0.05, 0.1, 0.3),
@@ -267,9 +266,8 @@ def grid_search(config: str = 'demo', data=None, seeds=None, runs_dir=None, resu
                 max_points=None, select: str = 'MAE', order_seed: int = 0, device=None, progress=True, dataset=None, log=print,
                 backend=None):
     "Run (or resume) the grid, select on validation `select`, write grid.csv/grid.md; returns (table, selected row)."
-    from thne_nb import model as model_mod, metrics as metrics_mod
     restrict, fixed = split_grid_settings(settings)
-    base = apply_settings(model_mod.get_config(config), fixed)
+    base = apply_settings(get_config(config), fixed)
     if data is not None: base = base.replace(data=str(data))
     if dataset is None: _check_data(config, base)
     seeds = tuple(seeds or default_seeds(config)[:1])
@@ -303,7 +301,7 @@ def _models(text: str):
 
 def _headless():
     # the commands only write files: never try to open a window (e.g. over ssh without a display)
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib; matplotlib.use('Agg')  # deferred: matplotlib is heavy and only the commands need it here
 
 def _backend_of(args):
     "None (train here, one run after another) or the Ray backend the arguments describe."
@@ -312,7 +310,7 @@ def _backend_of(args):
                                           ('--cpus-per-trial', args.cpus_per_trial)) if value is not None]
         if given: raise ThneError(f"{given[0]}: only with --backend ray")
         return None
-    from thne_nb.sweeps import RayBackend
+    from thne_nb.sweeps import RayBackend  # deferred: sweeps imports this module (a cycle at import time)
     return RayBackend(address=args.address, gpus_per_trial=args.gpus_per_trial or 0.0,
                       cpus_per_trial=args.cpus_per_trial if args.cpus_per_trial is not None else 1.0)
 

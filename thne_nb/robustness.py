@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_robustness.ipynb #25f6889b
 from __future__ import annotations
-import dataclasses, zlib
+import argparse, dataclasses, zlib
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -14,9 +14,10 @@ import torch
 from scipy.integrate import trapezoid
 
 from .core import ThneError
-from .data import make_default, make_loader
-from . import results, train as train_mod
+from .data import make_loader
+from . import attention, results, train as train_mod
 from .encoding import TextEncoder
+from .synthetic import make_default
 
 # %% auto #0
 __all__ = ['MODALITIES', 'CORRUPTIONS', 'DEFAULT_SEVERITIES', 'SHOWN_METRICS', 'check_corruptions', 'check_severities', 'corrupt',
@@ -54,6 +55,7 @@ def _shift(x, lengths, s, rng, labels):
         k = int(round(s / 2 * length))
         if k: x[i, k:length] = x[i, :length - k].copy(); x[i, :k] = 0
 
+# %% ../nbs/12_robustness.ipynb #a4bbc05a
 def _chosen(n: int, s: float, rng) -> np.ndarray:
     "The first round(s n) clips of a permutation drawn the same at every severity, so the sets are nested."
     return rng.permutation(n)[:int(round(s * n))]
@@ -222,7 +224,7 @@ def robustness_table(areas: pd.DataFrame, reference: str, metrics=SHOWN_METRICS)
 # %% ../nbs/12_robustness.ipynb #f27e7cb3
 def plot_robustness(frame: pd.DataFrame, metrics=SHOWN_METRICS, out=None):
     "MAE and Acc-2 against severity, one panel per corruption, one line per run with a band of ± one std over seeds."
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt, seaborn as sns  # deferred (here and below): heavy, and only the figures need them
     corruptions, runs = list(dict.fromkeys(frame.corruption)), list(dict.fromkeys(frame.run))
     shown = frame[['run', 'seed', 'corruption', 'severity']].copy()
     for name in metrics: shown[name] = frame[results.TABLE_METRICS[name].key] * results.TABLE_METRICS[name].scale
@@ -308,7 +310,6 @@ def plot_attention_signal(run, dataset, shares=None, indices=None, seed=None):
     "Left: attention share on signal steps vs uniform, per noise severity; right: Eq. 2 heatmaps with the signal windows boxed."
     import matplotlib.pyplot as plt, seaborn as sns
     from matplotlib.patches import Rectangle
-    from thne_nb import attention
     run = results.read_run(run)
     seed = run.seeds[0] if seed is None else int(seed)
     indices = example_clips(dataset) if indices is None else [int(i) for i in indices]
@@ -408,7 +409,6 @@ def _robustness_command(args) -> int:
     return 0
 
 def _severity(text):
-    import argparse
     try: return float(text)
     except ValueError: raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
 

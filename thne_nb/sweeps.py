@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from .core import ThneError, one_line
-from . import reproduce as rp
+from . import reproduce as rp, train as train_mod
+from .config import _method_of
 
 # %% auto #0
 __all__ = ['RAY_MISSING', 'SUMMARY_COLUMNS', 'import_ray', 'TrialSpec', 'seed_finished', 'plan_trials', 'seed_lock',
@@ -24,7 +25,7 @@ RAY_MISSING = "--backend ray: Ray is not installed; pip install -e '.[sweep]' (o
 def import_ray():
     "(ray, ray.tune), or a one-line `ThneError` saying how to install them."
     try:
-        import ray
+        import ray  # deferred: an optional, heavy dependency (the sweep extra)
         from ray import tune
     except ImportError: raise ThneError(RAY_MISSING) from None
     return ray, tune
@@ -72,7 +73,6 @@ def seed_lock(seed_dir):
 
 def train_trial(spec: TrialSpec, dataset=None, device=None) -> dict:
     "Train one seed of one run folder with `train.train_seed`, the local backend's per-seed function."
-    from thne_nb import train as train_mod
     cfg = spec.cfg if device is None else spec.cfg.replace(device=str(device))
     data = dataset if dataset is not None else _WORKER_DATASETS(cfg)
     started, trained_now = time.perf_counter(), not seed_finished(spec.run_dir, spec.seed)
@@ -171,22 +171,24 @@ class RayBackend:
                             'the others are kept, and the same command trains only what is missing')
         return [label for label, (cfg, run_dir) in open_runs.items() if rp.is_finished(run_dir, cfg.replace(seeds=seeds), seeds)]
 
-    def _connect(self, ray) -> bool:
-        "Join the cluster at `address` or start one here; True when this call connected (and must disconnect)."
-        if ray.is_initialized(): return False
-        try: ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ThneError(f'--address {self.address}: cannot join a Ray cluster there ({_last_line(err)})') from None
-        return True
+# %% ../nbs/14_sweeps.ipynb #4723d08e
+@_method_of(RayBackend, '_connect')
+def _connect(self, ray) -> bool:
+    "Join the cluster at `address` or start one here; True when this call connected (and must disconnect)."
+    if ray.is_initialized(): return False
+    try: ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ThneError(f'--address {self.address}: cannot join a Ray cluster there ({_last_line(err)})') from None
+    return True
 
-    def _run_trials(self, tune, trials, dataset, device, log) -> list[dict]:
-        os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')                # with verbose=0: no Tune status tables
-        storage = Path(self.storage or Path(os.path.commonpath([str(t.run_dir.parent) for t in trials]))/'.ray-tune')
-        trainable = tune.with_parameters(_tune_trial, specs=trials, dataset=dataset, device=device, workdir=os.getcwd())
-        trainable = tune.with_resources(trainable, {'cpu': self.cpus, 'gpu': self.gpus})
-        tuner = tune.Tuner(trainable, param_space={'trial': tune.grid_search(list(range(len(trials))))},
-                           run_config=tune.RunConfig(name=time.strftime('thne-%Y%m%d-%H%M%S'), storage_path=str(storage.absolute()),
-                                                     verbose=0, callbacks=[_trial_lines(tune, trials, log)],
-                                                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
-        return _result_rows(tuner.fit(), trials)
-
+@_method_of(RayBackend, '_run_trials')
+def _run_trials(self, tune, trials, dataset, device, log) -> list[dict]:
+    os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')                # with verbose=0: no Tune status tables
+    storage = Path(self.storage or Path(os.path.commonpath([str(t.run_dir.parent) for t in trials]))/'.ray-tune')
+    trainable = tune.with_parameters(_tune_trial, specs=trials, dataset=dataset, device=device, workdir=os.getcwd())
+    trainable = tune.with_resources(trainable, {'cpu': self.cpus, 'gpu': self.gpus})
+    tuner = tune.Tuner(trainable, param_space={'trial': tune.grid_search(list(range(len(trials))))},
+                       run_config=tune.RunConfig(name=time.strftime('thne-%Y%m%d-%H%M%S'), storage_path=str(storage.absolute()),
+                                                 verbose=0, callbacks=[_trial_lines(tune, trials, log)],
+                                                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+    return _result_rows(tuner.fit(), trials)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..encoding import TextEncoder
 from ..cpc import CPC
 from ..core import ThneError
-from ..model import Config, MSAModel, ModelOutput, register_model, register_config, float32_head
+from ..config import Config, register_config, register_model
+from ..model import MSAModel, ModelOutput, float32_head
 
 # %% ../../nbs/11_mcen.ipynb #0745f2c3
 @dataclass

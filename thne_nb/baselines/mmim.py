@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..encoding import TextEncoder, SequenceEncoder
 from ..cpc import CPC
 from ..core import ThneError
-from ..model import Config, MSAModel, ModelOutput, register_model, register_config, float32_head
+from ..config import Config, _method_of, register_config, register_model
+from ..model import MSAModel, ModelOutput, float32_head
 
 # %% ../../nbs/10_mmim.ipynb #8a25dff3
 @dataclass
@@ -211,26 +212,28 @@ class MMIM(TwoStageMI, MSAModel):
     def log_likelihood(self, h_t: Tensor, h_v: Tensor, h_a: Tensor) -> Tensor:
         return self.mi['tv'].log_likelihood(h_t, h_v) + self.mi['ta'].log_likelihood(h_t, h_a)
 
-    def forward(self, batch: dict) -> ModelOutput:
-        cfg = self.cfg
-        h_t, h_v, h_a = self.encode(batch)
-        fusion, prediction = self.fusion_network(torch.cat([h_t, h_a.to(h_t.dtype), h_v.to(h_t.dtype)], dim=-1))
-        prediction = prediction.float()
-        targets = {'t': h_t, 'v': h_v, 'a': h_a}
-        nce = sum(self.cpc[m](fusion, h) for m, h in targets.items())
-        lld = self.log_likelihood(h_t, h_v, h_a)
-        losses = {'nce': nce, 'lld': lld}
-        labels = batch.get('labels')
-        if labels is not None:
-            labels = labels.float()
-            losses['task'] = (prediction - labels).abs().mean()
-            losses['H'] = (self.mi['tv'].entropy(h_v, labels, remember=self.training)
-                           + self.mi['ta'].entropy(h_a, labels, remember=self.training))
-            losses['total'] = losses['task'] + cfg.alpha * nce - cfg.beta * (lld + losses['H'])
-        else:
-            losses['total'] = cfg.alpha * nce - cfg.beta * lld
-        with torch.no_grad():
-            scores = {f'f{m}': self.cpc[m].scores(fusion, h) for m, h in targets.items()}
-        return ModelOutput(prediction=prediction, losses=losses, scores=scores, attention={}, fusion=fusion)
+# %% ../../nbs/10_mmim.ipynb #84c32b0e
+@_method_of(MMIM, 'forward')
+def _mmim_forward(self, batch: dict) -> ModelOutput:
+    cfg = self.cfg
+    h_t, h_v, h_a = self.encode(batch)
+    fusion, prediction = self.fusion_network(torch.cat([h_t, h_a.to(h_t.dtype), h_v.to(h_t.dtype)], dim=-1))
+    prediction = prediction.float()
+    targets = {'t': h_t, 'v': h_v, 'a': h_a}
+    nce = sum(self.cpc[m](fusion, h) for m, h in targets.items())
+    lld = self.log_likelihood(h_t, h_v, h_a)
+    losses = {'nce': nce, 'lld': lld}
+    labels = batch.get('labels')
+    if labels is not None:
+        labels = labels.float()
+        losses['task'] = (prediction - labels).abs().mean()
+        losses['H'] = (self.mi['tv'].entropy(h_v, labels, remember=self.training)
+                       + self.mi['ta'].entropy(h_a, labels, remember=self.training))
+        losses['total'] = losses['task'] + cfg.alpha * nce - cfg.beta * (lld + losses['H'])
+    else:
+        losses['total'] = cfg.alpha * nce - cfg.beta * lld
+    with torch.no_grad():
+        scores = {f'f{m}': self.cpc[m].scores(fusion, h) for m, h in targets.items()}
+    return ModelOutput(prediction=prediction, losses=losses, scores=scores, attention={}, fusion=fusion)
 
 register_model('mmim', MMIM)
