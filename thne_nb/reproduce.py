@@ -16,13 +16,14 @@ from . import metrics as metrics_mod, train as train_mod
 from .cli import seed_list
 from .config import Config, get_config
 from .core import ThneError
+from .encoding import is_benchmark_only
 
 # %% auto #0
 __all__ = ['PAPER_SEEDS', 'DEMO_SEEDS', 'BASELINE_LABELS', 'FULL', 'ADJUSTED', 'ABLATIONS', 'NOT_IDENTITY', 'PAPER_GRID',
-           'GRID_ALIASES', 'default_seeds', 'config_identity', 'config_hash', 'apply_settings', 'plan_runs', 'run_slug',
-           'run_dir_for', 'is_finished', 'ensure_run', 'train_locally', 'Reproduction', 'default_figures_dir',
-           'reproduce', 'write_artefacts', 'split_grid_settings', 'grid_points', 'point_config', 'point_slug',
-           'grid_search', 'register_cli']
+           'GRID_ALIASES', 'default_seeds', 'config_identity', 'config_hash', 'apply_settings', 'refuse_benchmark_only',
+           'plan_runs', 'run_slug', 'run_dir_for', 'is_finished', 'ensure_run', 'train_locally', 'Reproduction',
+           'default_figures_dir', 'reproduce', 'write_artefacts', 'split_grid_settings', 'grid_points', 'point_config',
+           'point_slug', 'grid_search', 'register_cli']
 
 # %% ../nbs/09_reproduce.ipynb #71662e22
 PAPER_SEEDS = (1111, 1112, 1113, 1114, 1115)
@@ -54,13 +55,20 @@ def apply_settings(cfg, settings) -> object:
     updated = cfg.set_from_strings(list(settings))
     return updated if updated is not None else cfg
 
+def refuse_benchmark_only(cfg):
+    "Reproduction publishes numbers: a randomly initialised, benchmark-only text model must never produce them."
+    if is_benchmark_only(cfg.text_model):
+        raise ThneError(f"text_model={cfg.text_model}: a randomly initialised encoder for timing only (thne bench); "
+                        "reproduce and grid need a pretrained text model such as bert-base-uncased")
+    return cfg
+
 # %% ../nbs/09_reproduce.ipynb #519c893d
 def plan_runs(config: str, models=('thne', *BASELINE_LABELS), data=None, settings=(), dataset=None) -> dict:
     "Labelled configs for every artefact: t-HNE, its ablations and Sec. 5.2 variant (if 'thne' in models) and the baselines."
     unknown = set(models) - {'thne', *BASELINE_LABELS}
     if unknown: raise ThneError(f"--models: unknown model(s) {sorted(unknown)}; choose from {', '.join(('thne', *BASELINE_LABELS))}")
     if 'thne' not in models: raise ThneError("--models: 'thne' is needed (every artefact is built around the t-HNE run)")
-    base = apply_settings(get_config(config), settings)
+    base = refuse_benchmark_only(apply_settings(get_config(config), settings))
     if data is not None: base = base.replace(data=str(data))
     if dataset is None: _check_data(config, base)
     plan = {FULL: base}
@@ -267,7 +275,7 @@ def grid_search(config: str = 'demo', data=None, seeds=None, runs_dir=None, resu
                 backend=None):
     "Run (or resume) the grid, select on validation `select`, write grid.csv/grid.md; returns (table, selected row)."
     restrict, fixed = split_grid_settings(settings)
-    base = apply_settings(get_config(config), fixed)
+    base = refuse_benchmark_only(apply_settings(get_config(config), fixed))
     if data is not None: base = base.replace(data=str(data))
     if dataset is None: _check_data(config, base)
     seeds = tuple(seeds or default_seeds(config)[:1])
