@@ -161,10 +161,13 @@ def test_table5_cases_follow_the_rules(reproduced):
 
 def test_bad_run_directory_is_one_line_error(tmp_path):
     (tmp_path/'run').mkdir()
-    with pytest.raises(ThneError, match='metrics.json: missing') as err: results.read_run(tmp_path/'run')
+    # a finished run always has config.json (train writes it before the first epoch): it is required, and named first
+    with pytest.raises(ThneError, match='config.json: no such file') as err: results.read_run(tmp_path/'run')
     assert '\n' not in str(err.value)
+    (tmp_path/'run'/'config.json').write_text('{"model": "thne"}')
+    with pytest.raises(ThneError, match='metrics.json: no such file'): results.read_run(tmp_path/'run')
     (tmp_path/'run'/'metrics.json').write_text('{not json')
-    with pytest.raises(ThneError, match='unreadable JSON'): results.read_run(tmp_path/'run')
+    with pytest.raises(ThneError, match='metrics.json: unreadable JSON'): results.read_run(tmp_path/'run')
 
 
 def test_grid_selects_on_validation_and_resumes(tiny_data, tmp_path, monkeypatch):

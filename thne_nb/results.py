@@ -4,32 +4,38 @@
 
 # %% ../nbs/08_results.ipynb #3d8142be
 from __future__ import annotations
-import math
+import dataclasses, math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
-from .core import ThneError, read_json, save_figure  # save_figure re-exported: reproduce and robustness call results.save_figure
-from .train import read_history
+from .config import Config
+from .core import ThneError, save_figure  # save_figure re-exported: reproduce and robustness call results.save_figure
+from .data import make_loader
+from .metrics import LOWER_IS_BETTER, seed_statistics  # seed_statistics re-exported: it lived here
+from .train import METRICS_FILE, RunFolder, load_for_config, load_run
 
 # %% auto #0
 __all__ = ['TABLE_METRICS', 'PAPER_SOURCES', 'REPORTED_TABLE3', 'REPORTED_TABLE4_MOSEI', 'LOSS_LABELS', 'LOSS_WEIGHTS',
-           'CASE_RULES', 'NOISE_WORDS', 'Run', 'read_run', 'take_rows', 'Metric', 'metric_frame', 'seed_statistics',
-           'summarize', 'markdown_table', 'latex_escape', 'latex_cell', 'latex_table', 'ResultTable', 'reported_table3',
+           'CASE_RULES', 'NOISE_WORDS', 'Run', 'read_run', 'take_rows', 'Metric', 'metric_frame', 'summarize',
+           'markdown_table', 'latex_escape', 'latex_cell', 'latex_table', 'ResultTable', 'reported_table3',
            'reported_table4', 'table3', 'paired_test', 'significant', 'table4', 'metrics_caption', 'plot_loss_tracing',
            'modality_notes', 'select_cases', 'table5', 'attention_batch', 'attention_heatmap']
 
 # %% ../nbs/08_results.ipynb #290bc3d9
 @dataclass
 class Run:
-    "A finished run directory: its resolved config, its metrics and accessors for its history and predictions."
+    "A view of a finished run directory: its config and metrics as dicts; the history and predictions are read through `RunFolder`."
     path: Path
     config: dict
     metrics: dict
 
+    @property
+    def folder(self) -> RunFolder: return RunFolder(self.path)
     @property
     def seeds(self) -> list[int]: return sorted(int(s) for s in self.metrics['seeds'])
     @property
@@ -40,17 +46,14 @@ class Run:
     def seed_metrics(self, split: str = 'test') -> pd.DataFrame:
         "One row per seed (index `seed`), one column per metric key, for the 'test' or 'valid' split."
         table = self.metrics['seeds'] if split == 'test' else self.metrics.get(split)
-        if not table: raise ThneError(f"{self.path/'metrics.json'}: no '{split}' metrics per seed")
+        if not table: raise ThneError(f"{self.path/METRICS_FILE}: no '{split}' metrics per seed")
         frame = pd.DataFrame.from_dict({int(s): m for s, m in table.items()}, orient='index').sort_index()
         frame.index.name = 'seed'
         return frame.apply(pd.to_numeric, errors='coerce')
 
     def history(self) -> pd.DataFrame:
         "The loss history: columns seed, epoch, step, phase, then one column per loss term."
-        frame = read_history(self.path)
-        missing = {'seed', 'epoch', 'step', 'phase'} - set(frame.columns)
-        if missing: raise ThneError(f"{self.path/'history.csv'}: missing columns {sorted(missing)}")
-        return frame
+        return self.folder.read_history()
 
     def loss_names(self) -> list[str]:
         "The loss columns of the history, in file order (t-HNE: task, ta, tv, fa, fv, total)."
@@ -58,33 +61,19 @@ class Run:
 
     def predictions(self, seed: int | None = None) -> pd.DataFrame:
         "Test predictions of one seed (default: the first), with the CPC scores s_ft, s_fv, s_fa."
-        seed = self.seeds[0] if seed is None else int(seed)
-        path = self.path/f'seed_{seed}'/'test_predictions.csv'
-        if not path.is_file(): raise ThneError(f"{path}: missing (no test predictions for seed {seed})")
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[''])
-        missing = {'index', 'label', 'prediction'} - set(frame.columns)
-        if missing: raise ThneError(f"{path}: missing columns {sorted(missing)}")
-        return frame
+        return self.folder.read_predictions(self.seeds[0] if seed is None else int(seed))
 
 # %% ../nbs/08_results.ipynb #514a9fb3
-_NOT_A_RUN = 'missing (is this a finished run directory written by `thne train`?)'
-
 def read_run(path) -> Run:
-    "Open a finished run directory (config.json + metrics.json with per-seed test metrics)."
-    path = Path(path)
-    if not path.is_dir(): raise ThneError(f"{path}: not a run directory")
-    metrics = read_json(path/'metrics.json', missing=_NOT_A_RUN)
-    if not isinstance(metrics.get('seeds'), dict) or not metrics['seeds']:
-        raise ThneError(f"{path/'metrics.json'}: no per-seed test metrics under 'seeds'")
-    config = read_json(path/'config.json', missing=_NOT_A_RUN) if (path/'config.json').is_file() else {}
-    return Run(path, config, metrics)
+    "Open a finished run directory (config.json + metrics.json with per-seed test metrics), each file checked by `RunFolder`."
+    folder = RunFolder(path)
+    return Run(folder.path, folder.read_config(), folder.read_metrics())
 
 def _as_run(run) -> Run: return run if isinstance(run, Run) else read_run(run)
 
 # %% ../nbs/08_results.ipynb #10a1a64a
 def take_rows(split, indices):
     "A copy of a `SplitData` with only the rows `indices`: tensors and per-clip `extras` indexed, lists picked."
-    import dataclasses, torch
     rows = torch.as_tensor(list(indices), dtype=torch.long)
     def pick(v):
         if torch.is_tensor(v): return v[rows]
@@ -94,30 +83,33 @@ def take_rows(split, indices):
     picked['extras'] = {k: np.asarray(v)[rows.numpy()] for k, v in split.extras.items()}
     return dataclasses.replace(split, **picked)
 
-# %% ../nbs/08_results.ipynb #9a730942
+# %% ../nbs/08_results.ipynb #7754bb6c
 @dataclass(frozen=True)
 class Metric:
     key: str           # name in metrics.json
     scale: float       # multiply the stored value by this for display
     digits: int
-    higher_is_better: bool
+
+    @property
+    def higher_is_better(self) -> bool: return self.key not in LOWER_IS_BETTER
 
 TABLE_METRICS: dict[str, Metric] = {
-    'MAE': Metric('MAE', 1, 3, False),
-    'Corr': Metric('Corr', 1, 3, True),
-    'Acc-7': Metric('Mult_acc_7', 100, 2, True),
-    'Acc-2 (has-0)': Metric('Has0_acc_2', 100, 2, True),
-    'Acc-2 (non-0)': Metric('Non0_acc_2', 100, 2, True),
-    'F1 (has-0)': Metric('Has0_F1_score', 100, 2, True),
-    'F1 (non-0)': Metric('Non0_F1_score', 100, 2, True),
+    'MAE': Metric('MAE', 1, 3),
+    'Corr': Metric('Corr', 1, 3),
+    'Acc-7': Metric('Mult_acc_7', 100, 2),
+    'Acc-2 (has-0)': Metric('Has0_acc_2', 100, 2),
+    'Acc-2 (non-0)': Metric('Non0_acc_2', 100, 2),
+    'F1 (has-0)': Metric('Has0_F1_score', 100, 2),
+    'F1 (non-0)': Metric('Non0_F1_score', 100, 2),
 }
 
+# %% ../nbs/08_results.ipynb #84017fdd
 def metric_frame(run, split: str = 'test') -> pd.DataFrame:
     "Per-seed table metrics of a run in display units (rows: seeds, columns: `TABLE_METRICS` names)."
     run = _as_run(run)
     raw = run.seed_metrics(split)
     missing = [m.key for m in TABLE_METRICS.values() if m.key not in raw.columns]
-    if missing: raise ThneError(f"{run.path/'metrics.json'}: {split} metrics lack {missing}")
+    if missing: raise ThneError(f"{run.path/METRICS_FILE}: {split} metrics lack {missing}")
     return pd.DataFrame({name: raw[m.key]*m.scale for name, m in TABLE_METRICS.items()})
 
 def _mean_std(values: pd.Series, digits: int, pm: str = ' ± ') -> str:
@@ -125,12 +117,6 @@ def _mean_std(values: pd.Series, digits: int, pm: str = ' ± ') -> str:
     if values.empty: return '-'
     std = values.std(ddof=1) if len(values) > 1 else float('nan')
     return f"{values.mean():.{digits}f}" + ('' if math.isnan(std) else f"{pm}{std:.{digits}f}")
-
-def seed_statistics(per_seed) -> pd.DataFrame:
-    "Mean, sample std (NaN for one seed) and count over seeds of each metric; `per_seed`: {seed: {metric: value}} or a frame, one row per seed."
-    frame = per_seed if isinstance(per_seed, pd.DataFrame) else pd.DataFrame.from_dict(per_seed, orient='index')
-    frame = frame.apply(pd.to_numeric, errors='coerce')
-    return pd.DataFrame({'mean': frame.mean(), 'std': frame.std(ddof=1), 'n_seeds': frame.count()}).T
 
 def summarize(runs: dict, split: str = 'test') -> pd.DataFrame:
     "Mean and sample std over seeds of every table metric, one row per labelled run; columns (metric, stat)."
@@ -427,6 +413,7 @@ def _trace(history: pd.DataFrame, term: str, phase: str) -> pd.DataFrame:
 
 def plot_loss_tracing(runs: dict, out=None, title: str = 'Figure 3: loss tracing'):
     "Figure 3: one panel per loss term with every labelled run in its own colour, so each term is compared on one y-axis."
+    # matplotlib only when a figure is drawn: reading runs and writing tables need none of it
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -546,16 +533,14 @@ def table5(runs: dict, primary: str = 't-HNE', seed: int | None = None, dataset=
 # %% ../nbs/08_results.ipynb #488c8dac
 def attention_batch(run, indices, dataset=None, seed: int | None = None):
     "Reload `run` (weights of `seed`) and run it on the test clips `indices`: returns (cfg, model, batch, ModelOutput)."
-    import torch
-    from thne_nb import train as train_mod, data as data_mod
     run = _as_run(run)
-    cfg, model = train_mod.load_run(run.path, seed=seed)
+    cfg, model = load_run(run.path, seed=seed)
     if dataset is None: dataset = _dataset_of_run(run)
     test = dataset.splits['test']
     indices = [int(i) for i in indices]
     bad = [i for i in indices if not 0 <= i < len(test)]
     if bad: raise ThneError(f"{run.path}: test clip indices {bad} outside the test split of {len(test)} clips")
-    batch = next(iter(data_mod.make_loader(take_rows(test, indices), batch_size=len(indices), shuffle=False)))
+    batch = next(iter(make_loader(take_rows(test, indices), batch_size=len(indices), shuffle=False)))
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     model.eval()
@@ -564,12 +549,12 @@ def attention_batch(run, indices, dataset=None, seed: int | None = None):
 
 def _dataset_of_run(run: Run):
     "The data set a run was trained on, loaded as its config says (its text model's tokenizer)."
-    from thne_nb import train as train_mod, model as model_mod
-    return train_mod.load_for_config(model_mod.Config.from_dict(run.config))
+    return load_for_config(Config.from_dict(run.config))
 
 # %% ../nbs/08_results.ipynb #a7617690
 def attention_heatmap(run, indices=None, dataset=None, seed: int | None = None, out=None):
     "Eq. 2's attention weights over the frames of vision and audio for a few test clips of `run` (default: the Table 5 clips)."
+    # deferred: the attention chapter's module and matplotlib import seaborn and pyplot, which tables do not need
     import matplotlib.pyplot as plt
     from thne_nb import attention
     run = _as_run(run)
