@@ -87,9 +87,9 @@ def test_ledger_covers_the_issue_and_the_notebook_shows_its_rendering():
                   "eq. 2", 's(f, h_t)', 'dropout', 'weight decay', 'epochs', 'selection', 'spread', 'precision',
                   'determinism'):
         assert topic in choices, topic
-    notebook = json.loads((Path(__file__).parents[1] / 'nbs' / '07_training.ipynb').read_text())
+    notebook = json.loads((Path(__file__).parents[1] / 'nbs' / '07_train.ipynb').read_text())
     markdown = [''.join(cell['source']) for cell in notebook['cells'] if cell['cell_type'] == 'markdown']
-    assert any(ledger_markdown() in text for text in markdown), 'the ledger table in 07_training is stale'
+    assert any(ledger_markdown() in text for text in markdown), 'the ledger table in 07_train is stale'
 
 
 # --- optimiser, schedule, initialisation, clipping ------------------------------------------------------------------
