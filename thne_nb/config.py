@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .core import ThneError
+from .core import ThneError, method_of
 from .encoding import EMBEDDED_TEXT_MODEL, TINY_TEXT_MODEL
 
 # %% ../nbs/05a_config.ipynb #7419ffc7
@@ -121,14 +121,7 @@ def _validate(self: Config) -> Config:
     return self
 
 # %% ../nbs/05a_config.ipynb #81098daa
-def _method_of(cls: type, name: str):
-    "Attach the decorated function to `cls` as method `name`, so that a long class can be told in several cells."
-    def attach(f):
-        setattr(cls, name, f)
-        return f
-    return attach
-
-@_method_of(Config, 'from_dict')
+@method_of(Config, 'from_dict')
 @classmethod
 def _from_dict(cls, d: dict) -> 'Config':
     "Inverse of `to_dict`; on `Config` itself, picks the subclass registered for `d['model']`."
@@ -138,14 +131,14 @@ def _from_dict(cls, d: dict) -> 'Config':
     if unknown: raise ThneError(f"{cls.__name__}: unknown config key(s) {', '.join(unknown)}")
     return cls(**d).validate()
 
-@_method_of(Config, 'replace')
+@method_of(Config, 'replace')
 def _replace(self, **changes) -> 'Config':
     "A copy with some fields changed."
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
     if unknown: raise ThneError(f"{type(self).__name__}: unknown config key(s) {', '.join(unknown)}")
     return dataclasses.replace(self, **changes).validate()
 
-@_method_of(Config, 'set_from_strings')
+@method_of(Config, 'set_from_strings')
 def _set_from_strings(self, assignments) -> 'Config':
     "Apply 'key=value' strings in place, parsing each value by its field's type; returns self."
     hints, names = self._hints(), [f.name for f in dataclasses.fields(self)]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['ThneError', 'one_line', 'repo_root', 'figures_dir', 'to_jsonable', 'write_text_atomic', 'write_json', 'read_json',
-           'save_figure']
+__all__ = ['ThneError', 'one_line', 'method_of', 'repo_root', 'figures_dir', 'to_jsonable', 'write_text_atomic', 'write_json',
+           'read_json', 'save_figure']
 
 # %% ../nbs/90_core.ipynb #c55503b4
 class ThneError(Exception):
@@ -22,6 +22,14 @@ def one_line(err: Exception | str, limit: int = 160) -> str:
     "The first `limit` characters of an error's message on one line, for quoting a library's error inside ours."
     text = ' '.join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[:limit - 1] + '…'
+
+# %% ../nbs/90_core.ipynb #61e01fc5
+def method_of(cls: type, name: str):
+    "Attach the decorated function to `cls` as method `name`, so that a long class can be told in several cells."
+    def attach(f):
+        setattr(cls, name, f)
+        return f
+    return attach
 
 # %% ../nbs/90_core.ipynb #79f7db57
 def repo_root(start=None) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 
-from .core import ThneError
+from .core import ThneError, method_of
 from .encoding import EMBEDDED_TEXT_MODEL, TINY_TEXT_MODEL, TextEncoder, SequenceEncoder
 from .attention import TextGuidedAttention
 from .mi import DIMBound, nce_loss
@@ -21,8 +21,7 @@ from .cpc import CPC
 # `model.get_config`, `model.build_model`, ... working for every caller.
 from .config import (CHOICES, CONFIGS, MODELS, PRESET_NOTES, Config, available_configs, build_model,
                             describe_config, get_config, initialise_parameters, register_config, register_model,
-                            _config_class, _fits, _load_plugins, _model_class, _parse_value, _PLUGIN_MODULES,
-                            _method_of)
+                            _config_class, _fits, _load_plugins, _model_class, _parse_value, _PLUGIN_MODULES)
 
 # %% ../nbs/05_model.ipynb #74c7ee8b
 @dataclass
@@ -177,7 +176,7 @@ class THNE(MSAModel):
         return head.nce(cosines), cosines.diagonal().detach().exp()
 
 # %% ../nbs/05_model.ipynb #767a1b07
-@_method_of(THNE, 'forward')
+@method_of(THNE, 'forward')
 def _thne_forward(self: THNE, batch: dict) -> ModelOutput:
     "Algorithm 1 for one minibatch: Eq. 1, 2, 5, 8, 7 and 9 in that order."
     cfg, enc = self.cfg, self.encode(batch)

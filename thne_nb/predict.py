@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_do
 
 from . import __version__
 from .cli import positive_int
-from .config import Config, _method_of, available_configs, build_model, describe_config
-from .core import ThneError, one_line, read_json, to_jsonable, write_json
+from .config import Config, available_configs, build_model, describe_config
+from .core import ThneError, method_of, one_line, read_json, to_jsonable, write_json
 from .data import LABEL_RANGES, MSADataset, SplitData, load_dataset, make_loader
 from .encoding import load_tokenizer
 from .metrics import SIMS_BOUNDARIES, SIMS_NAMES, compute_metrics
@@ -284,7 +284,7 @@ class PretrainedModel(ModelHubMixin, library_name='thne_nb', repo_url='https://g
     def generate_model_card(self, *args, **kwargs) -> ModelCard: return ModelCard(model_card(self.payload()))
 
 # %% ../nbs/13_predict.ipynb #ddb9654d
-@_method_of(PretrainedModel, '_save_pretrained')
+@method_of(PretrainedModel, '_save_pretrained')
 def _save_pretrained(self, save_directory: Path) -> None:
     from safetensors.torch import save_model
     folder = Path(save_directory)
@@ -295,7 +295,7 @@ def _save_pretrained(self, save_directory: Path) -> None:
     write_json(metrics, folder/'metrics.json')
     self.generate_model_card().save(folder/'README.md')
 
-@_method_of(PretrainedModel, '_from_pretrained')
+@method_of(PretrainedModel, '_from_pretrained')
 @classmethod
 def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
                      token=None, map_location: str = 'cpu', **unused) -> 'PretrainedModel':

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import ThneError, one_line
+from .core import ThneError, method_of, one_line
 from . import reproduce as rp, train as train_mod
-from .config import _method_of
+
 
 # %% auto #0
 __all__ = ['RAY_MISSING', 'SUMMARY_COLUMNS', 'import_ray', 'TrialSpec', 'seed_finished', 'plan_trials', 'seed_lock',
@@ -172,7 +172,7 @@ class RayBackend:
         return [label for label, (cfg, run_dir) in open_runs.items() if rp.is_finished(run_dir, cfg.replace(seeds=seeds), seeds)]
 
 # %% ../nbs/14_sweeps.ipynb #4723d08e
-@_method_of(RayBackend, '_connect')
+@method_of(RayBackend, '_connect')
 def _connect(self, ray) -> bool:
     "Join the cluster at `address` or start one here; True when this call connected (and must disconnect)."
     if ray.is_initialized(): return False
@@ -181,7 +181,7 @@ def _connect(self, ray) -> bool:
         raise ThneError(f'--address {self.address}: cannot join a Ray cluster there ({_last_line(err)})') from None
     return True
 
-@_method_of(RayBackend, '_run_trials')
+@method_of(RayBackend, '_run_trials')
 def _run_trials(self, tune, trials, dataset, device, log) -> list[dict]:
     os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')                # with verbose=0: no Tune status tables
     storage = Path(self.storage or Path(os.path.commonpath([str(t.run_dir.parent) for t in trials]))/'.ray-tune')

@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import config_arguments, positive_int, seed_list
-from .config import Config, MODELS, _method_of, build_model, get_config
-from .core import ThneError, one_line, read_json, to_jsonable, write_json, write_text_atomic
+from .config import Config, MODELS, build_model, get_config
+from .core import ThneError, method_of, one_line, read_json, to_jsonable, write_json, write_text_atomic
 from .data import SPLITS, load_dataset, make_loader, unlabelled_error
 from .encoding import load_tokenizer
 from .metrics import compute_metrics, LOWER_IS_BETTER, seed_statistics
@@ -343,7 +343,7 @@ class RunFolder:
                 return
 
 # %% ../nbs/07_train.ipynb #5d9cc70c
-@_method_of(RunFolder, 'locked')
+@method_of(RunFolder, 'locked')
 @contextmanager
 def _locked(self):
     "Hold the folder's lock; a second training here stops at once with one line."
@@ -367,7 +367,7 @@ def _locked(self):
         if created and [p.name for p in self.path.iterdir()] == ['.lock']: shutil.rmtree(self.path)
         os.close(fd)
 
-@_method_of(RunFolder, 'discard')
+@method_of(RunFolder, 'discard')
 def _discard(self):
     "Forget the run held here (`--fresh`): the seed folders and the files describing them."
     for seed_dir in self.path.glob('seed_*'):
@@ -375,7 +375,7 @@ def _discard(self):
     for name in _RUN_FILES: (self.path / name).unlink(missing_ok=True)
 
 # %% ../nbs/07_train.ipynb #7e674ab3
-@_method_of(RunFolder, 'check_checkpoint')
+@method_of(RunFolder, 'check_checkpoint')
 @staticmethod
 def _check_checkpoint(saved, config: dict, fingerprint: dict | None, path: Path):
     "Refuse to continue `saved` (read from `path`) with another config, other data or fewer epochs."
@@ -393,7 +393,7 @@ def _check_checkpoint(saved, config: dict, fingerprint: dict | None, path: Path)
         raise ThneError(f"{path}: already trained {saved['epoch']} epochs, more than epochs={config['epochs']}; "
                         f"ask for at least {saved['epoch']}, or use another --out or --fresh")
 
-@_method_of(RunFolder, 'check_resume')
+@method_of(RunFolder, 'check_resume')
 def _check_resume(self, cfg, fingerprint: dict):
     "Everything that refuses this training, checked before the first write: config.json and each seed's last.pt."
     config, config_path = cfg.to_dict(), self.path / CONFIG_FILE
@@ -408,7 +408,7 @@ def _check_resume(self, cfg, fingerprint: dict):
         if last.exists(): self.check_checkpoint(_load_checkpoint(last), config, fingerprint, last)
 
 # %% ../nbs/07_train.ipynb #10a798a1
-@_method_of(RunFolder, 'write_config')
+@method_of(RunFolder, 'write_config')
 def _write_config(self, cfg):
     "config.json of this training; a metrics.json written under other settings (fewer epochs) is removed first."
     path, new = self.path / CONFIG_FILE, to_jsonable(cfg.to_dict())
@@ -417,18 +417,18 @@ def _write_config(self, cfg):
         (self.path / METRICS_FILE).unlink(missing_ok=True)
         write_json(new, path)
 
-@_method_of(RunFolder, 'write_summary')
+@method_of(RunFolder, 'write_summary')
 def _write_summary(self, summary: dict, history_rows: list):
     "history.csv, then metrics.json (so metrics.json never names a seed whose history is not written)."
     write_text_atomic(pd.DataFrame(history_rows).to_csv(index=False), self.path / HISTORY_FILE)
     write_json(summary, self.path / METRICS_FILE)
 
-@_method_of(RunFolder, 'read_config')
+@method_of(RunFolder, 'read_config')
 def _read_config(self) -> dict:
     "config.json as written (a dict); a finished run always has one."
     return read_json(self.path / CONFIG_FILE, missing=_NOT_FINISHED)
 
-@_method_of(RunFolder, 'read_metrics')
+@method_of(RunFolder, 'read_metrics')
 def _read_metrics(self, dims: bool = False) -> dict:
     "metrics.json, checked to hold per-seed test metrics (and, with `dims`, the feature sizes a model is rebuilt with)."
     path = self.path / METRICS_FILE
@@ -443,7 +443,7 @@ def _read_metrics(self, dims: bool = False) -> dict:
     return summary
 
 # %% ../nbs/07_train.ipynb #205a1ab3
-@_method_of(RunFolder, 'read')
+@method_of(RunFolder, 'read')
 def _read(self):
     "(cfg, metrics.json's dict) of a finished run, each file checked: what rebuilding its models needs."
     for name in (CONFIG_FILE, METRICS_FILE):
@@ -453,14 +453,14 @@ def _read(self):
     except (TypeError, ValueError) as err: raise ThneError(f'{self.path / CONFIG_FILE}: not a valid config ({one_line(err)})') from None
     return cfg, self.read_metrics(dims=True)
 
-@_method_of(RunFolder, 'load_model')
+@method_of(RunFolder, 'load_model')
 def _load_model(self, cfg, dims: dict, seed) -> nn.Module:
     "The model of `cfg` with seed `seed`'s `best.pt` weights, in eval mode."
     best = self.seed_dir(seed) / BEST_FILE
     if not best.exists(): raise ThneError(f'{best}: no such checkpoint; retrain seed {seed}')
     return load_weights(build_model(cfg, dims), best, seed).eval()
 
-@_method_of(RunFolder, 'read_history')
+@method_of(RunFolder, 'read_history')
 def _read_history(self) -> pd.DataFrame:
     "history.csv: seed, epoch, step, phase, then one column per loss term."
     path = self.path / HISTORY_FILE
@@ -470,7 +470,7 @@ def _read_history(self) -> pd.DataFrame:
     if missing: raise ThneError(f'{path}: missing columns {sorted(missing)}')
     return frame
 
-@_method_of(RunFolder, 'read_predictions')
+@method_of(RunFolder, 'read_predictions')
 def _read_predictions(self, seed) -> pd.DataFrame:
     "One seed's test_predictions.csv: index, id, text, label, prediction and the CPC scores."
     path = self.seed_dir(seed) / PREDICTIONS_FILE

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ..encoding import TextEncoder, SequenceEncoder
 from ..cpc import CPC
-from ..core import ThneError
-from ..config import Config, _method_of, register_config, register_model
+from ..core import ThneError, method_of
+from ..config import Config, register_config, register_model
 from ..model import MSAModel, ModelOutput, float32_head
 
 # %% ../../nbs/10_mmim.ipynb #8a25dff3
@@ -213,7 +213,7 @@ class MMIM(TwoStageMI, MSAModel):
         return self.mi['tv'].log_likelihood(h_t, h_v) + self.mi['ta'].log_likelihood(h_t, h_a)
 
 # %% ../../nbs/10_mmim.ipynb #84c32b0e
-@_method_of(MMIM, 'forward')
+@method_of(MMIM, 'forward')
 def _mmim_forward(self, batch: dict) -> ModelOutput:
     cfg = self.cfg
     h_t, h_v, h_a = self.encode(batch)
