@@ -169,7 +169,7 @@ def reproduce(config: str = 'demo', data=None, seeds=None, results_dir=None, fig
 # %% ../nbs/09_reproduce.ipynb #7bc0c7fe
 def _save_and_close(fig, out) -> list[Path]:
     import matplotlib.pyplot as plt  # deferred: heavy, and only figure writing needs it
-    paths = results.save_figure(fig, out)
+    paths = core.save_figure(fig, out)
     plt.close(fig)
     return paths
 

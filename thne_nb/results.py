@@ -14,9 +14,9 @@ import torch
 from scipy import stats
 
 from .config import Config
-from .core import ThneError, save_figure  # save_figure re-exported: reproduce and robustness call results.save_figure
+from .core import ThneError, save_figure
 from .data import make_loader
-from .metrics import LOWER_IS_BETTER, seed_statistics  # seed_statistics re-exported: it lived here
+from .metrics import LOWER_IS_BETTER, seed_statistics
 from .train import METRICS_FILE, RunFolder, load_for_config, load_run
 
 # %% auto #0

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from scipy.integrate import trapezoid
 
-from .core import ThneError
+from .core import ThneError, save_figure
 from .data import make_loader
 from . import attention, results, train as train_mod
 from .encoding import TextEncoder
@@ -243,7 +243,7 @@ def plot_robustness(frame: pd.DataFrame, metrics=SHOWN_METRICS, out=None):
     fig.legend(handles=handles, loc='outside lower center', ncol=min(len(runs), 7), frameon=False)
     fig.suptitle('Test metrics under corrupted visual/acoustic streams (text untouched); band: ± 1 std over seeds',
                  fontweight='bold')
-    if out is not None: results.save_figure(fig, out)
+    if out is not None: save_figure(fig, out)
     return fig
 
 # %% ../nbs/12_robustness.ipynb #2e80989e
@@ -374,7 +374,7 @@ def write_study(run_dirs: dict, results_dir, figures_dir, dataset_for=None, refe
     frame.to_csv(results_dir/'robustness.csv', index=False)
     files = [results_dir/'robustness.csv']
     files += robustness_table(degradation_areas(frame), reference).write(results_dir, 'robustness')
-    fig = plot_robustness(frame); files += results.save_figure(fig, figures_dir/'robustness'); plt.close(fig)
+    fig = plot_robustness(frame); files += save_figure(fig, figures_dir/'robustness'); plt.close(fig)
     dataset = datasets[reference]
     reference_cfg = train_mod.read_run(run_dirs[reference])[0]
     if reference_cfg.model == 'thne' and reference_cfg.use_deno1 and signal_masks(dataset) is not None:
@@ -383,7 +383,7 @@ def write_study(run_dirs: dict, results_dir, figures_dir, dataset_for=None, refe
         signal_share_summary(shares).to_csv(results_dir/'attention_signal_summary.csv')
         fig = plot_attention_signal(run_dirs[reference], dataset, shares)
         files += [results_dir/'attention_signal.csv', results_dir/'attention_signal_summary.csv',
-                  *results.save_figure(fig, figures_dir/'attention_signal')]
+                  *save_figure(fig, figures_dir/'attention_signal')]
         plt.close(fig)
     else: log(f'robustness: no attention study ({reference} has no Eq. 2 attention or the data no signal marks)')
     return files
